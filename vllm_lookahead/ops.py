@@ -1,0 +1,355 @@
+"""Typed wrappers over the compiled ops, and their pure-Python references.
+
+The references (``reference_*``) implement exactly the semantics of the
+kernels in ``csrc/`` on the same tensors; tests compare the two on random
+inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_lookahead import _C  # noqa: F401  (registers torch.ops.vllm_lookahead)
+
+_ops = torch.ops.vllm_lookahead
+
+
+@dataclass
+class PoolState:
+    """Tensors of an n-gram pool (layout documented in csrc/ngram_pool.h).
+
+    keys    int32 [S, B, K]     keys[s, b, 0] == -1: empty bucket
+    entries int32 [S, B, C, L]  continuations, most recent first
+    sizes   int32 [S, B]
+    stamps  int64 [S, B]        per-slot insertion clock of the last insert
+    clock   int64 [S]
+    """
+
+    keys: torch.Tensor
+    entries: torch.Tensor
+    sizes: torch.Tensor
+    stamps: torch.Tensor
+    clock: torch.Tensor
+    ways: int
+
+    @classmethod
+    def allocate(
+        cls,
+        num_slots: int,
+        buckets: int,
+        ways: int,
+        key_len: int,
+        capacity: int,
+        cont_len: int,
+        device: torch.device | str = "cpu",
+    ) -> PoolState:
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
+        return cls(
+            keys=torch.full((num_slots, buckets, key_len), -1, **i32),
+            entries=torch.full((num_slots, buckets, capacity, cont_len), -1, **i32),
+            sizes=torch.zeros((num_slots, buckets), **i32),
+            stamps=torch.zeros((num_slots, buckets), **i64),
+            clock=torch.zeros((num_slots,), **i64),
+            ways=ways,
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.keys, self.entries, self.sizes, self.stamps, self.clock)
+
+    def clone(self) -> PoolState:
+        return PoolState(*(t.clone() for t in self.tensors()), ways=self.ways)
+
+    def reset_slot(self, slot: int) -> None:
+        self.keys[slot].fill_(-1)
+        self.entries[slot].fill_(-1)
+        self.sizes[slot].zero_()
+        self.stamps[slot].zero_()
+        self.clock[slot] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def ngram_pool_insert(
+    state: PoolState,
+    slots: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    vocab_size: int,
+    shared_slot: int = -1,
+) -> None:
+    """Insert every n-gram of ``tokens[rows[i], starts[i]:ends[i]]`` into slot
+    ``slots[i]`` (and into ``shared_slot`` when >= 0), in row order.
+
+    slots, rows, starts, ends: int32 [n]; tokens: int32 [R, T].
+    """
+    _ops.ngram_pool_insert(
+        *state.tensors(), state.ways, slots, tokens, rows, starts, ends,
+        vocab_size, shared_slot,
+    )
+
+
+def ngram_pool_lookup(
+    state: PoolState,
+    slots: torch.Tensor,
+    query: torch.Tensor,
+    max_guesses: int,
+    shared_slot: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``max_guesses`` continuations of each query key.
+
+    slots: int32 [n]; query: int32 [n, K]. Returns ``(out, counts)``: out int32
+    [n, max_guesses, L] (unused rows -1), counts int32 [n]. The slot's own
+    continuations come first (most recent first), then the shared slot's,
+    without duplicates.
+    """
+    return _ops.ngram_pool_lookup(
+        *state.tensors(), state.ways, slots, query, max_guesses, shared_slot
+    )
+
+
+# --------------------------------------------------------------------------
+# Pure-Python references (mirror csrc/ngram_pool.h).
+
+
+def _first_bucket_of_set(key: Sequence[int], num_buckets: int, ways: int) -> int:
+    h = 2166136261
+    for t in key:
+        h = ((h ^ (t & 0xFFFFFFFF)) * 16777619) & 0xFFFFFFFF
+    return (h % (num_buckets // ways)) * ways
+
+
+class _RefView:
+    def __init__(self, state: PoolState):
+        self.keys = state.keys.numpy()
+        self.entries = state.entries.numpy()
+        self.sizes = state.sizes.numpy()
+        self.stamps = state.stamps.numpy()
+        self.clock = state.clock.numpy()
+        self.ways = state.ways
+        self.num_buckets = self.keys.shape[1]
+        self.capacity = self.entries.shape[2]
+
+    def find(self, slot: int, key: list[int]) -> int:
+        first = _first_bucket_of_set(key, self.num_buckets, self.ways)
+        for b in range(first, first + self.ways):
+            if self.keys[slot, b, 0] >= 0 and self.keys[slot, b].tolist() == key:
+                return b
+        return -1
+
+    def insert(self, slot: int, key: list[int], cont: list[int]) -> None:
+        b = self.find(slot, key)
+        if b < 0:
+            first = _first_bucket_of_set(key, self.num_buckets, self.ways)
+            ways = range(first, first + self.ways)
+            empty = [w for w in ways if self.keys[slot, w, 0] < 0]
+            b = empty[0] if empty else min(ways, key=lambda w: self.stamps[slot, w])
+            self.keys[slot, b] = key
+            self.sizes[slot, b] = 0
+        conts = [self.entries[slot, b, j].tolist() for j in range(self.sizes[slot, b])]
+        if cont in conts:
+            conts.remove(cont)
+        conts = [cont] + conts[: self.capacity - 1]
+        for j, c in enumerate(conts):
+            self.entries[slot, b, j] = c
+        self.sizes[slot, b] = len(conts)
+        self.clock[slot] += 1
+        self.stamps[slot, b] = self.clock[slot]
+
+    def continuations(self, slot: int, key: list[int]) -> list[list[int]]:
+        b = self.find(slot, key)
+        if b < 0:
+            return []
+        return [self.entries[slot, b, j].tolist() for j in range(self.sizes[slot, b])]
+
+
+def reference_ngram_pool_insert(
+    state: PoolState,
+    slots: torch.Tensor,
+    tokens: torch.Tensor,
+    rows: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    vocab_size: int,
+    shared_slot: int = -1,
+) -> None:
+    view = _RefView(state)
+    key_len = view.keys.shape[2]
+    n = key_len + view.entries.shape[3]
+    spans = [
+        tokens[r, s:e].tolist()
+        for r, s, e in zip(rows.tolist(), starts.tolist(), ends.tolist())
+    ]
+    for span in spans:
+        if not span:
+            raise ValueError("empty span")
+        if min(span) < 0 or max(span) >= vocab_size:
+            raise ValueError("token id outside the vocabulary")
+    for slot, span in zip(slots.tolist(), spans):
+        targets = [slot] + ([shared_slot] if 0 <= shared_slot != slot else [])
+        for target in targets:
+            for i in range(len(span) - n + 1):
+                view.insert(target, span[i : i + key_len], span[i + key_len : i + n])
+
+
+def reference_ngram_pool_lookup(
+    state: PoolState,
+    slots: torch.Tensor,
+    query: torch.Tensor,
+    max_guesses: int,
+    shared_slot: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    view = _RefView(state)
+    cont_len = view.entries.shape[3]
+    out = torch.full((len(slots), max_guesses, cont_len), -1, dtype=torch.int32)
+    counts = torch.zeros(len(slots), dtype=torch.int32)
+    for i, (slot, key) in enumerate(zip(slots.tolist(), query.tolist())):
+        found: list[list[int]] = []
+        sources = [slot] + ([shared_slot] if 0 <= shared_slot != slot else [])
+        for source in sources:
+            for cont in view.continuations(source, key):
+                if len(found) < max_guesses and cont not in found:
+                    found.append(cont)
+        for g, cont in enumerate(found):
+            out[i, g] = torch.tensor(cont, dtype=torch.int32)
+        counts[i] = len(found)
+    return out, counts
+
+
+# --------------------------------------------------------------------------
+# Request-level pool used by the proposers.
+
+
+class NgramPool:
+    """Per-request n-gram pools plus an optional pool shared by all requests.
+
+    Requests are addressed by any hashable id; each open request owns one
+    slot of a preallocated table, so memory is fixed at construction
+    (``nbytes``). Every batched method takes one call per engine step.
+    """
+
+    def __init__(
+        self,
+        max_requests: int,
+        vocab_size: int,
+        ngram: int = 4,
+        key_len: int = 1,
+        capacity: int = 8,
+        buckets: int = 1024,
+        ways: int = 4,
+        shared: bool = False,
+        device: torch.device | str = "cpu",
+    ):
+        if ngram < key_len + 1:
+            raise ValueError(f"ngram must be >= key_len + 1, got ngram={ngram}")
+        if key_len < 1 or capacity < 1 or max_requests < 1 or vocab_size < 1:
+            raise ValueError("key_len, capacity, max_requests, vocab_size must be >= 1")
+        if ways < 1 or buckets < ways or buckets % ways:
+            raise ValueError(f"buckets ({buckets}) must be a multiple of ways ({ways})")
+        self.vocab_size = vocab_size
+        self.ngram = ngram
+        self.key_len = key_len
+        self.cont_len = ngram - key_len
+        self.max_requests = max_requests
+        self.shared_slot = max_requests if shared else -1
+        self.state = PoolState.allocate(
+            max_requests + int(shared), buckets, ways, key_len, capacity,
+            self.cont_len, device,
+        )
+        self._slots: dict[Hashable, int] = {}
+        self._free = list(range(max_requests - 1, -1, -1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.keys.device
+
+    def nbytes(self) -> int:
+        return self.state.nbytes()
+
+    def __contains__(self, request: Hashable) -> bool:
+        return request in self._slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def open(self, request: Hashable) -> None:
+        if request in self._slots:
+            raise ValueError(f"request {request!r} already has a pool")
+        if not self._free:
+            raise RuntimeError(f"all {self.max_requests} request pools are in use")
+        self._slots[request] = self._free.pop()
+
+    def erase(self, request: Hashable) -> None:
+        slot = self._slots.pop(request, None)
+        if slot is None:
+            raise KeyError(f"unknown request {request!r}")
+        self.state.reset_slot(slot)
+        self._free.append(slot)
+
+    def slots_of(self, requests: Sequence[Hashable]) -> torch.Tensor:
+        try:
+            slots = [self._slots[r] for r in requests]
+        except KeyError as e:
+            raise KeyError(f"unknown request {e.args[0]!r}") from None
+        return torch.tensor(slots, dtype=torch.int32, device=self.device)
+
+    def insert_spans(
+        self,
+        requests: Sequence[Hashable],
+        tokens: torch.Tensor | np.ndarray,
+        rows: Sequence[int] | np.ndarray,
+        starts: Sequence[int] | np.ndarray,
+        ends: Sequence[int] | np.ndarray,
+    ) -> None:
+        """Add all n-grams of ``tokens[rows[i], starts[i]:ends[i]]`` to request i."""
+        slots = self.slots_of(requests)
+        if self.device.type != "cpu" and len(set(slots.tolist())) != len(slots):
+            raise ValueError("each request may appear once per insert on CUDA")
+        tokens = torch.as_tensor(tokens, device=self.device)
+        if tokens.dtype != torch.int32:
+            raise ValueError(f"tokens must be int32, got {tokens.dtype}")
+        as_i32 = lambda x: torch.as_tensor(np.asarray(x, np.int32), device=self.device)
+        rows_t, starts_t, ends_t = as_i32(rows), as_i32(starts), as_i32(ends)
+        if self.device.type != "cpu":
+            self._check_spans(tokens, rows_t, starts_t, ends_t)
+        ngram_pool_insert(
+            self.state, slots, tokens, rows_t, starts_t, ends_t,
+            self.vocab_size, self.shared_slot,
+        )
+
+    def insert_ngrams(self, requests: Sequence[Hashable], ngrams: torch.Tensor) -> None:
+        """Add given n-grams: ``ngrams`` int32 [len(requests), ngram]."""
+        if ngrams.dim() != 2 or ngrams.shape[1] != self.ngram:
+            raise ValueError(f"ngrams must be [n, {self.ngram}], got {tuple(ngrams.shape)}")
+        n = len(requests)
+        self.insert_spans(requests, ngrams, np.arange(n), np.zeros(n), np.full(n, self.ngram))
+
+    def lookup(
+        self, requests: Sequence[Hashable], query: torch.Tensor, max_guesses: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to ``max_guesses`` continuations for each request's key.
+
+        query: int32 [len(requests), key_len]. Returns (out [n, G, ngram -
+        key_len], counts [n]); see :func:`ngram_pool_lookup`.
+        """
+        slots = self.slots_of(requests)
+        return ngram_pool_lookup(
+            self.state, slots, query.to(self.device, torch.int32), max_guesses,
+            self.shared_slot,
+        )
+
+    def _check_spans(self, tokens, rows, starts, ends) -> None:
+        if bool(((starts < 0) | (ends <= starts) | (ends > tokens.shape[1])).any()):
+            raise ValueError("span is empty or outside the token rows")
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        mask = (pos >= starts[:, None]) & (pos < ends[:, None])
+        picked = tokens[rows.long()][mask]
+        if bool(((picked < 0) | (picked >= self.vocab_size)).any()):
+            raise ValueError(f"token id outside the vocabulary [0, {self.vocab_size})")
