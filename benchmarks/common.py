@@ -1,0 +1,171 @@
+"""Shared pieces of the demo and benchmarks: prompts, engine runs, metrics."""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SPEC_BENCH = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+
+LOOKAHEAD_CLASS = "vllm_lookahead.LookaheadProposer"
+
+
+def load_prompts(path: Path | str, limit: int | None = None,
+                 categories: list[str] | None = None) -> list[dict[str, str]]:
+    """First turn of each record of a Spec-Bench-format JSONL file
+    (``category``, ``turns``), as ``{"category", "text"}`` dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            turns = record.get("turns")
+            if not turns or not isinstance(turns[0], str):
+                raise ValueError(f"{path}:{lineno}: record has no text in 'turns'")
+            category = record.get("category", "unknown")
+            if categories and category not in categories:
+                continue
+            prompts.append({"category": category, "text": turns[0]})
+            if limit is not None and len(prompts) >= limit:
+                break
+    return prompts
+
+
+def chat_prompts(model: str, prompts: list[dict[str, str]]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    if tokenizer.chat_template is None:
+        return [p["text"] for p in prompts]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p["text"]}], tokenize=False,
+            add_generation_prompt=True,
+        )
+        for p in prompts
+    ]
+
+
+@dataclass
+class Method:
+    name: str
+    speculative_config: dict[str, Any] | None = None
+    additional_config: dict[str, Any] = field(default_factory=dict)
+
+
+def lookahead_method(k: int = 8, **pool: Any) -> Method:
+    return Method(
+        "lookahead-linear",
+        {"method": "custom_class", "model": LOOKAHEAD_CLASS, "num_speculative_tokens": k},
+        {"lookahead": pool} if pool else {},
+    )
+
+
+def ngram_method(k: int = 8) -> Method:
+    return Method(
+        "vllm-ngram",
+        {"method": "ngram", "num_speculative_tokens": k,
+         "prompt_lookup_min": 2, "prompt_lookup_max": 4},
+    )
+
+
+@dataclass
+class RunResult:
+    method: str
+    batch_size: int
+    output_tokens: int
+    seconds: float
+    accepted_tokens: int
+    drafts: int
+    draft_tokens: int
+    token_ids: list[list[int]]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    @property
+    def compression(self) -> float:
+        """Output tokens per target forward pass (per request): every
+        forward yields one token plus the accepted draft tokens."""
+        forwards = self.output_tokens - self.accepted_tokens
+        return self.output_tokens / forwards if forwards else 0.0
+
+    @property
+    def mean_accepted_per_draft(self) -> float:
+        return self.accepted_tokens / self.drafts if self.drafts else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "batch_size": self.batch_size,
+            "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "compression": round(self.compression, 3),
+            "accepted_tokens": self.accepted_tokens, "drafts": self.drafts,
+            "draft_tokens": self.draft_tokens,
+            "mean_accepted_per_draft": round(self.mean_accepted_per_draft, 3),
+        }
+
+
+def _counter(metrics, name: str) -> int:
+    return int(sum(getattr(m, "value", 0) for m in metrics if m.name == name))
+
+
+def make_llm(model: str, method: Method, max_model_len: int = 2048,
+             max_num_seqs: int = 32, dtype: str = "float32", seed: int = 0,
+             kv_cache_gib: float = 1.0, **kwargs: Any):
+    from vllm import LLM
+
+    return LLM(
+        model=model, dtype=dtype, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, seed=seed,
+        kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+        speculative_config=method.speculative_config,
+        additional_config=method.additional_config,
+        disable_log_stats=False, **kwargs,
+    )
+
+
+def run_method(model: str, method: Method, prompts: list[str], max_tokens: int,
+               batch_size: int, warmup: bool = True, **llm_kwargs: Any) -> RunResult:
+    """Greedy-generate ``prompts`` ``batch_size`` at a time with one engine."""
+    from vllm import SamplingParams
+
+    llm = make_llm(model, method, max_num_seqs=max(batch_size, 1), **llm_kwargs)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        if warmup:
+            llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4),
+                         use_tqdm=False)
+        before = llm.get_metrics()
+        token_ids: list[list[int]] = []
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            outputs = llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+            token_ids += [list(o.outputs[0].token_ids) for o in outputs]
+        seconds = time.perf_counter() - start
+        after = llm.get_metrics()
+    finally:
+        del llm
+        gc.collect()
+
+    def delta(name: str) -> int:
+        return _counter(after, name) - _counter(before, name)
+
+    return RunResult(
+        method=method.name, batch_size=batch_size,
+        output_tokens=sum(len(t) for t in token_ids), seconds=seconds,
+        accepted_tokens=delta("vllm:spec_decode_num_accepted_tokens"),
+        drafts=delta("vllm:spec_decode_num_drafts"),
+        draft_tokens=delta("vllm:spec_decode_num_draft_tokens"),
+        token_ids=token_ids,
+    )

@@ -1,0 +1,102 @@
+"""Typed, validated configuration read from ``additional_config``.
+
+vLLM's ``SpeculativeConfig`` rejects unknown keys, so method parameters live
+in ``additional_config["lookahead"]``; a bad value fails at engine start with
+the offending key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+CONFIG_KEY = "lookahead"
+
+
+class LookaheadConfigError(ValueError):
+    """Raised for an invalid ``additional_config["lookahead"]``."""
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    """Parameters of the lookahead pool proposer.
+
+    ngram:      n-gram length N stored in the pool (key + continuation).
+    key_len:    tokens of context used as the pool key (the last k tokens).
+    capacity:   continuations kept per key (most recent first; older evicted).
+    buckets:    keys kept per request (power of two; least recently
+                inserted key evicted when its set is full).
+    ways:       associativity of the key table.
+    shared_pool: also keep one pool shared by all requests (system prompts,
+                common code), consulted after the request's own pool.
+    """
+
+    ngram: int = 4
+    key_len: int = 1
+    capacity: int = 4
+    buckets: int = 2048
+    ways: int = 4
+    shared_pool: bool = False
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LookaheadConfigError(
+                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be a '
+                    f"positive integer, got {value!r}"
+                )
+
+        for name in ("ngram", "key_len", "capacity", "buckets", "ways"):
+            positive(name)
+        if self.ngram < 2:
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["ngram"] must be >= 2, '
+                f"got {self.ngram}"
+            )
+        if self.key_len >= self.ngram:
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["key_len"] ({self.key_len}) '
+                f'must be smaller than "ngram" ({self.ngram})'
+            )
+        if self.buckets & (self.buckets - 1) or self.buckets < self.ways:
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["buckets"] must be a power of '
+                f'two >= "ways" ({self.ways}), got {self.buckets}'
+            )
+        if self.ways & (self.ways - 1):
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["ways"] must be a power of '
+                f"two, got {self.ways}"
+            )
+        if not isinstance(self.shared_pool, bool):
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["shared_pool"] must be a '
+                f"boolean, got {self.shared_pool!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> LookaheadConfig:
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"] must be a JSON object, '
+                f"got {type(raw).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise LookaheadConfigError(
+                f'unknown key(s) in additional_config["{CONFIG_KEY}"]: '
+                f"{', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        return cls(**raw)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> LookaheadConfig:
+        additional = vllm_config.additional_config or {}
+        if not isinstance(additional, dict):
+            return cls()
+        return cls.from_dict(additional.get(CONFIG_KEY))

