@@ -99,11 +99,40 @@ def batch_request_ids_patch() -> type[Patch]:
     return GPUModelRunnerPatch
 
 
+def startup_validation_patch() -> type[Patch]:
+    from vllm.engine.arg_utils import EngineArgs
+
+    class EngineArgsPatch(Patch):
+        """Validates this package's ``additional_config`` in the process that
+        builds the engine config, so a bad value fails before any engine
+        process starts, with the offending key named (instead of a worker
+        traceback behind "Engine core initialization failed")."""
+
+        target = EngineArgs
+
+        def create_engine_config(self, *args, **kwargs):
+            original = EngineArgsPatch.original("create_engine_config")
+            vllm_config = original(self, *args, **kwargs)
+            spec = vllm_config.speculative_config
+            if (
+                spec is not None
+                and spec.method == "custom_class"
+                and str(spec.model).startswith("vllm_lookahead.")
+            ):
+                from vllm_lookahead.config import LookaheadConfig
+
+                LookaheadConfig.from_vllm_config(vllm_config)
+            return vllm_config
+
+    return EngineArgsPatch
+
+
 def apply_all() -> None:
     """Apply every patch once in this process (later calls do nothing)."""
     if _applied:
         return
     check_vllm_version()
+    startup_validation_patch().apply()
     batch_request_ids_patch().apply()
 
 

@@ -98,7 +98,7 @@ class LookaheadProposer:
         lengths = num_tokens_no_spec[rows].astype(np.int64)
         self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
 
-        budget = np.minimum(self.k, self.max_model_len - 1 - lengths)
+        budget = np.minimum(self.k, self.max_model_len - lengths)
         chains = self._extend_chains(row_req_ids, rows, lengths, token_ids_cpu, budget)
         for i, row in enumerate(rows):
             drafts[row] = chains[i]

@@ -1,0 +1,26 @@
+import pytest
+
+from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError
+
+
+def test_defaults_are_valid():
+    assert LookaheadConfig.from_dict(None) == LookaheadConfig()
+
+
+@pytest.mark.parametrize(
+    "raw, names",
+    [
+        ({"ngarm": 3}, "ngarm"),
+        ({"ngram": 1}, '"ngram"'),
+        ({"ngram": "4"}, '"ngram"'),
+        ({"capacity": 0}, '"capacity"'),
+        ({"buckets": 1000}, '"buckets"'),
+        ({"ways": 3}, '"ways"'),
+        ({"key_len": 4, "ngram": 4}, '"key_len"'),
+        ({"shared_pool": "yes"}, '"shared_pool"'),
+        ([1, 2], "JSON object"),
+    ],
+)
+def test_bad_values_name_the_key(raw, names):
+    with pytest.raises(LookaheadConfigError, match=names):
+        LookaheadConfig.from_dict(raw)

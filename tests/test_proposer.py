@@ -1,0 +1,73 @@
+"""LookaheadProposer on synthetic batches, without an engine: per-request
+state must follow request ids across row reordering and be freed when a
+request leaves the batch."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from vllm_lookahead import LookaheadProposer, patches
+
+
+@pytest.fixture(autouse=True)
+def plugin_applied():
+    patches.apply_all()
+
+
+def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
+    config = SimpleNamespace(
+        speculative_config=SimpleNamespace(num_speculative_tokens=k),
+        model_config=SimpleNamespace(max_model_len=max_model_len,
+                                     get_vocab_size=lambda: 100),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+        additional_config={"lookahead": {"ngram": 3, **lookahead}},
+    )
+    return LookaheadProposer(config)
+
+
+def step(proposer, rows: dict[str, list[int]], max_model_len=64):
+    """One propose call with request -> token history per row, in order."""
+    req_ids = list(rows)
+    tokens = np.zeros((len(rows), max_model_len), dtype=np.int32)
+    for i, history in enumerate(rows.values()):
+        tokens[i, : len(history)] = history
+    lengths = np.array([len(h) for h in rows.values()], dtype=np.int32)
+    proposer.bind_batch(req_ids)
+    return proposer.propose([[h[-1]] for h in rows.values()], lengths, tokens)
+
+
+def test_chain_is_extended_through_the_pool():
+    proposer = make_proposer(k=6)
+    # 1 -> (2, 3); 3 -> (4, 5); 5 -> (6, 7)
+    drafts = step(proposer, {"a": [1, 2, 3, 4, 5, 6, 7, 9, 1]})
+    assert drafts == [[2, 3, 4, 5, 6, 7]]
+
+
+def test_state_follows_requests_across_row_swaps():
+    proposer = make_proposer(k=2)
+    a, b = [10, 11, 12, 10], [20, 21, 22, 20]
+    assert step(proposer, {"a": a, "b": b}) == [[11, 12], [21, 22]]
+    # Rows swapped and one token appended to each: the pools stay with ids.
+    a2, b2 = a + [11, 12, 10], b + [21, 22, 20]
+    assert step(proposer, {"b": b2, "a": a2}) == [[21, 22], [11, 12]]
+
+
+def test_pools_of_departed_requests_are_freed():
+    proposer = make_proposer(max_num_seqs=2)
+    step(proposer, {"a": [1, 2, 3, 1], "b": [4, 5, 6, 4]})
+    step(proposer, {"c": [7, 8, 9, 7], "d": [1, 1, 1, 1]})
+    assert set(proposer._indexed) == {"c", "d"}
+    assert len(proposer.pool) == 2
+
+
+def test_no_draft_past_max_model_len():
+    proposer = make_proposer(k=8, max_model_len=8)
+    assert step(proposer, {"a": [1, 2, 3, 1, 2, 3, 1]}, max_model_len=8) == [[2]]
+
+
+def test_propose_without_the_patch_fails_clearly():
+    proposer = make_proposer()
+    with pytest.raises(RuntimeError, match="request ids"):
+        proposer.propose([[1]], np.array([1], dtype=np.int32),
+                         np.zeros((1, 8), dtype=np.int32))

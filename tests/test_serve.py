@@ -1,0 +1,78 @@
+"""``vllm serve`` with the lookahead proposer answers an OpenAI completions
+request from a real HTTP client on loopback and shuts down cleanly."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+STARTUP_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_ready(proc: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited early with code {proc.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        # Polling a server that is still starting: there is no event to wait on.
+        time.sleep(1)
+    raise TimeoutError(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s")
+
+
+def test_serve_answers_completions_and_shuts_down(smollm2, tmp_path: Path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    vllm_bin = Path(sys.executable).parent / "vllm"
+    proc = subprocess.Popen(
+        [str(vllm_bin), "serve", smollm2, "--host", "127.0.0.1", "--port", str(port),
+         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "4",
+         "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager",
+         "--speculative-config", json.dumps({
+             "method": "custom_class", "model": "vllm_lookahead.LookaheadProposer",
+             "num_speculative_tokens": 4}),
+         "--additional-config", json.dumps({"lookahead": {"ngram": 3}})],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(proc, f"{base}/health")
+        prompt = "List the numbers from one to ten: one, two, three,"
+        reply = requests.post(f"{base}/v1/completions", timeout=120, json={
+            "model": smollm2, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+        })
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["choices"][0]["text"].strip()
+        assert body["usage"]["completion_tokens"] > 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert "LookaheadProposer" in output
+    assert code == 0, output[-3000:]
