@@ -65,4 +65,21 @@ inline void check_insert_args(const at::Tensor& keys, const at::Tensor& slots,
                     "shared_slot out of range: ", shared_slot);
 }
 
+// Checks the lookup arguments and allocates its outputs: continuations
+// [n, max_guesses, L] filled with -1, and counts [n].
+inline std::tuple<at::Tensor, at::Tensor> prepare_lookup(
+    const at::Tensor& keys, const PoolView& p, const at::Tensor& slots,
+    const at::Tensor& query, int64_t max_guesses, int64_t shared_slot) {
+  check_int_tensor(slots, "slots", at::kInt, 1, keys.device());
+  check_int_tensor(query, "query", at::kInt, 2, keys.device());
+  TORCH_CHECK_VALUE(query.size(0) == slots.size(0) && query.size(1) == p.key_len,
+                    "query must be [len(slots), key_len=", p.key_len, "]");
+  TORCH_CHECK_VALUE(max_guesses >= 0, "max_guesses must be >= 0");
+  TORCH_CHECK_VALUE(shared_slot >= -1 && shared_slot < keys.size(0),
+                    "shared_slot out of range: ", shared_slot);
+  const int64_t n = slots.size(0);
+  return {at::full({n, max_guesses, p.cont_len}, -1, slots.options()),
+          at::zeros({n}, slots.options())};
+}
+
 }  // namespace vllm_lookahead

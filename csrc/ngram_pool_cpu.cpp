@@ -51,16 +51,8 @@ std::tuple<at::Tensor, at::Tensor> ngram_pool_lookup_cpu(
     at::Tensor clock, int64_t ways, const at::Tensor& slots,
     const at::Tensor& query, int64_t max_guesses, int64_t shared_slot) {
   const PoolView p = make_pool_view(keys, entries, sizes, stamps, clock, ways);
-  check_int_tensor(slots, "slots", at::kInt, 1, keys.device());
-  check_int_tensor(query, "query", at::kInt, 2, keys.device());
-  TORCH_CHECK_VALUE(query.size(0) == slots.size(0) && query.size(1) == p.key_len,
-                    "query must be [len(slots), key_len=", p.key_len, "]");
-  TORCH_CHECK_VALUE(max_guesses >= 0, "max_guesses must be >= 0");
-  TORCH_CHECK_VALUE(shared_slot >= -1 && shared_slot < keys.size(0),
-                    "shared_slot out of range: ", shared_slot);
+  auto [out, counts] = prepare_lookup(keys, p, slots, query, max_guesses, shared_slot);
   const int64_t n = slots.size(0);
-  auto out = at::full({n, max_guesses, p.cont_len}, -1, slots.options());
-  auto counts = at::zeros({n}, slots.options());
   const int32_t* slot_ptr = slots.data_ptr<int32_t>();
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK_VALUE(slot_ptr[i] >= 0 && slot_ptr[i] < keys.size(0),

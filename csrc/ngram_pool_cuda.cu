@@ -82,14 +82,8 @@ std::tuple<at::Tensor, at::Tensor> ngram_pool_lookup_cuda(
     at::Tensor clock, int64_t ways, const at::Tensor& slots,
     const at::Tensor& query, int64_t max_guesses, int64_t shared_slot) {
   const PoolView p = make_pool_view(keys, entries, sizes, stamps, clock, ways);
-  check_int_tensor(slots, "slots", at::kInt, 1, keys.device());
-  check_int_tensor(query, "query", at::kInt, 2, keys.device());
-  TORCH_CHECK_VALUE(query.size(0) == slots.size(0) && query.size(1) == p.key_len,
-                    "query must be [len(slots), key_len=", p.key_len, "]");
-  TORCH_CHECK_VALUE(max_guesses >= 0, "max_guesses must be >= 0");
+  auto [out, counts] = prepare_lookup(keys, p, slots, query, max_guesses, shared_slot);
   const int64_t n = slots.size(0);
-  auto out = at::full({n, max_guesses, p.cont_len}, -1, slots.options());
-  auto counts = at::zeros({n}, slots.options());
   if (n == 0) return {out, counts};
   const c10::cuda::CUDAGuard guard(keys.device());
   lookup_kernel<<<num_blocks(n), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
