@@ -67,6 +67,7 @@ def replay(records: list[dict], k: int, vocab_size: int, **lookahead) -> dict:
         done[i] = 1 if r["output"] else 0  # the prefill forward yields one
         forwards[i] = 1
     proposed = accepted = 0
+    last_sampled = {i: [0] for i in range(len(records))}
     while True:
         live = [i for i, r in enumerate(records) if done[i] < len(r["output"])]
         if not live:
@@ -74,7 +75,7 @@ def replay(records: list[dict], k: int, vocab_size: int, **lookahead) -> dict:
         lengths = np.array([len(records[i]["prompt"]) + done[i] for i in live])
         rows = tokens[live]
         proposer.bind_batch([str(i) for i in live])
-        drafts = proposer.propose([[1]] * len(live), lengths, rows)
+        drafts = proposer.propose([last_sampled[i] for i in live], lengths, rows)
         for j, i in enumerate(live):
             out = records[i]["output"]
             a = 0
@@ -86,10 +87,12 @@ def replay(records: list[dict], k: int, vocab_size: int, **lookahead) -> dict:
             proposed += len(drafts[j])
             accepted += a
             done[i] = min(len(out), done[i] + a + 1)
+            last_sampled[i] = [0] * (a + 1)
             forwards[i] += 1
     total = sum(len(r["output"]) for r in records)
     return {"compression": total / forwards.sum(), "accepted": accepted,
-            "proposed": proposed, "draft_precision": accepted / max(proposed, 1)}
+            "proposed": proposed, "draft_precision": accepted / max(proposed, 1),
+            "drafted_per_forward": proposed / forwards.sum()}
 
 
 def main() -> None:
@@ -109,14 +112,14 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(model).vocab_size
     records = reference(model, args.prompts, args.num_prompts, args.max_tokens,
                         Path(args.cache))
-    print(f"{'k':>3}{'ngram':>6}{'key':>5}{'cap':>5}{'tok/fwd':>9}{'precision':>11}")
-    for k, ngram, key_len, capacity in itertools.product(
-            [4, 8], [3, 4, 6], [1, 2], [1, 4]):
-        if key_len >= ngram:
-            continue
-        r = replay(records, k, vocab, ngram=ngram, key_len=key_len, capacity=capacity)
-        print(f"{k:>3}{ngram:>6}{key_len:>5}{capacity:>5}{r['compression']:>9.3f}"
-              f"{r['draft_precision']:>11.3f}", flush=True)
+    print(f"{'k':>3}{'ngram':>6}{'key':>5}{'adaptive':>9}{'tok/fwd':>9}"
+          f"{'precision':>11}{'drafted/fwd':>13}")
+    for k, ngram, key_len, adaptive in itertools.product(
+            [4, 8], [3, 4], [1, 2], [False, True]):
+        r = replay(records, k, vocab, ngram=ngram, key_len=key_len, adaptive=adaptive)
+        print(f"{k:>3}{ngram:>6}{key_len:>5}{str(adaptive):>9}{r['compression']:>9.3f}"
+              f"{r['draft_precision']:>11.3f}{r['drafted_per_forward']:>13.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ def test_defaults_are_valid():
         ({"ways": 3}, '"ways"'),
         ({"key_len": 4, "ngram": 4}, '"key_len"'),
         ({"shared_pool": "yes"}, '"shared_pool"'),
+        ({"adaptive": 1}, '"adaptive"'),
         ([1, 2], "JSON object"),
     ],
 )

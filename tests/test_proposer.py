@@ -21,20 +21,23 @@ def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
         model_config=SimpleNamespace(max_model_len=max_model_len,
                                      get_vocab_size=lambda: 100),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
-        additional_config={"lookahead": {"ngram": 3, **lookahead}},
+        additional_config={"lookahead": {"ngram": 3, "key_len": 1, **lookahead}},
     )
     return LookaheadProposer(config)
 
 
-def step(proposer, rows: dict[str, list[int]], max_model_len=64):
-    """One propose call with request -> token history per row, in order."""
+def step(proposer, rows: dict[str, list[int]], max_model_len=64, accepted=None):
+    """One propose call with request -> token history per row, in order;
+    ``accepted[i]``: draft tokens vLLM accepted for row i last step."""
     req_ids = list(rows)
     tokens = np.zeros((len(rows), max_model_len), dtype=np.int32)
     for i, history in enumerate(rows.values()):
         tokens[i, : len(history)] = history
     lengths = np.array([len(h) for h in rows.values()], dtype=np.int32)
     proposer.bind_batch(req_ids)
-    return proposer.propose([[h[-1]] for h in rows.values()], lengths, tokens)
+    accepted = accepted or [0] * len(rows)
+    sampled = [[h[-1]] * (1 + a) for h, a in zip(rows.values(), accepted)]
+    return proposer.propose(sampled, lengths, tokens)
 
 
 def test_chain_is_extended_through_the_pool():
@@ -45,12 +48,24 @@ def test_chain_is_extended_through_the_pool():
 
 
 def test_state_follows_requests_across_row_swaps():
-    proposer = make_proposer(k=2)
+    proposer = make_proposer(k=2, adaptive=False)
     a, b = [10, 11, 12, 10], [20, 21, 22, 20]
     assert step(proposer, {"a": a, "b": b}) == [[11, 12], [21, 22]]
     # Rows swapped and one token appended to each: the pools stay with ids.
     a2, b2 = a + [11, 12, 10], b + [21, 22, 20]
     assert step(proposer, {"b": b2, "a": a2}) == [[21, 22], [11, 12]]
+
+
+def test_adaptive_draft_length_follows_acceptance():
+    proposer = make_proposer(k=8)
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1] * 2
+    assert len(step(proposer, {"a": history})[0]) == 8
+    # 3 of 8 accepted: next draft is 4 tokens.
+    assert len(step(proposer, {"a": history}, accepted=[3])[0]) == 4
+    # All 4 accepted: allowed to double (up to k).
+    assert len(step(proposer, {"a": history}, accepted=[4])[0]) == 8
+    # Nothing accepted: a single probing token.
+    assert len(step(proposer, {"a": history}, accepted=[0])[0]) == 1
 
 
 def test_pools_of_departed_requests_are_freed():

@@ -23,21 +23,28 @@ class LookaheadConfig:
     """Parameters of the lookahead pool proposer.
 
     ngram:      n-gram length N stored in the pool (key + continuation).
-    key_len:    tokens of context used as the pool key (the last k tokens).
+    key_len:    tokens of context used as the pool key (the last k tokens);
+                2 measured best on Spec-Bench chat (benchmarks/sweep_linear.py).
     capacity:   continuations kept per key (most recent first; older evicted).
     buckets:    keys kept per request (power of two; least recently
                 inserted key evicted when its set is full).
     ways:       associativity of the key table.
     shared_pool: also keep one pool shared by all requests (system prompts,
                 common code), consulted after the request's own pool.
+    adaptive:   size each request's draft from its last acceptance: after a
+                fully accepted draft allow twice as many tokens (up to
+                num_speculative_tokens), otherwise one more than were
+                accepted. Rejected draft tokens cost target compute, so this
+                keeps the verified batch small where guesses fail.
     """
 
     ngram: int = 4
-    key_len: int = 1
+    key_len: int = 2
     capacity: int = 4
     buckets: int = 2048
     ways: int = 4
     shared_pool: bool = False
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -70,11 +77,12 @@ class LookaheadConfig:
                 f'additional_config["{CONFIG_KEY}"]["ways"] must be a power of '
                 f"two, got {self.ways}"
             )
-        if not isinstance(self.shared_pool, bool):
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["shared_pool"] must be a '
-                f"boolean, got {self.shared_pool!r}"
-            )
+        for name in ("shared_pool", "adaptive"):
+            if not isinstance(getattr(self, name), bool):
+                raise LookaheadConfigError(
+                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be a '
+                    f"boolean, got {getattr(self, name)!r}"
+                )
 
     @classmethod
     def from_dict(cls, raw: Any) -> LookaheadConfig:

@@ -49,6 +49,9 @@ class LookaheadProposer:
         )
         # Tokens of each request already inserted into its pool.
         self._indexed: dict[str, int] = {}
+        # Draft length allowed next step, and length of the last draft.
+        self._allowed: dict[str, int] = {}
+        self._last_draft: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
         logger.info(
             "vllm_lookahead: LookaheadProposer (linear) %s, k=%d, pool %.1f MiB",
@@ -70,7 +73,25 @@ class LookaheadProposer:
 
     def _drop(self, req_id: str) -> None:
         del self._indexed[req_id]
+        self._allowed.pop(req_id, None)
+        self._last_draft.pop(req_id, None)
         self.pool.erase(req_id)
+
+    def _draft_budget(self, req_ids, sampled_token_ids, rows) -> np.ndarray:
+        """Per-row draft length from the request's last acceptance (vLLM
+        returns the accepted draft tokens plus one in ``sampled_token_ids``)."""
+        if not self.config.adaptive:
+            return np.full(len(rows), self.k, dtype=np.int64)
+        budget = np.empty(len(rows), dtype=np.int64)
+        for i, (req_id, row) in enumerate(zip(req_ids, rows)):
+            last = self._last_draft.get(req_id, 0)
+            allowed = self._allowed.get(req_id, self.k)
+            if last:
+                accepted = len(sampled_token_ids[row]) - 1
+                allowed = min(self.k, 2 * last) if accepted >= last else accepted + 1
+            self._allowed[req_id] = allowed
+            budget[i] = allowed
+        return budget
 
     def propose(
         self,
@@ -98,10 +119,14 @@ class LookaheadProposer:
         lengths = num_tokens_no_spec[rows].astype(np.int64)
         self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
 
-        budget = np.minimum(self.k, self.max_model_len - lengths)
+        budget = np.minimum(
+            self._draft_budget(row_req_ids, sampled_token_ids, rows),
+            self.max_model_len - lengths,
+        )
         chains = self._extend_chains(row_req_ids, rows, lengths, token_ids_cpu, budget)
         for i, row in enumerate(rows):
             drafts[row] = chains[i]
+            self._last_draft[row_req_ids[i]] = len(chains[i])
         return drafts
 
     def _index_new_tokens(self, req_ids, rows, lengths, token_ids_cpu) -> None:
