@@ -12,8 +12,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ngram_pool_cpu.cpp"]
-CUDA_SOURCES = [f"{CSRC}/ngram_pool_cuda.cu"]
+CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ngram_pool_cpu.cpp", f"{CSRC}/tree_cpu.cpp"]
+CUDA_SOURCES = [f"{CSRC}/ngram_pool_cuda.cu", f"{CSRC}/tree_cuda.cu"]
 
 
 def build_with_cuda() -> bool:

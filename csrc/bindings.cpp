@@ -17,6 +17,24 @@ TORCH_LIBRARY(vllm_lookahead, m) {
       "ngram_pool_lookup(Tensor keys, Tensor entries, Tensor sizes, "
       "Tensor stamps, Tensor clock, int ways, Tensor slots, Tensor query, "
       "int max_guesses, int shared_slot) -> (Tensor, Tensor)");
+  // Token trees (layout in tree.h): ancestor bitmasks from parent indices.
+  m.def("tree_ancestor_masks(Tensor parents, Tensor cu_nodes, int words) -> Tensor");
+  // Attention of every tree node over its request's paged KV prefix plus its
+  // ancestors and itself.
+  m.def(
+      "tree_attention(Tensor query, Tensor tree_key, Tensor tree_value, "
+      "Tensor key_cache, Tensor value_cache, Tensor block_table, "
+      "Tensor prefix_lens, Tensor cu_nodes, Tensor masks, float scale) -> Tensor");
+  // cache[dst_slots[i]] = cache[src_slots[i]] for every cache, all sources
+  // read before any destination is written.
+  m.def(
+      "tree_kv_compact(Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
+      "Tensor src_slots, Tensor dst_slots) -> ()");
+  // Greedy acceptance: the deepest node whose whole path matches the
+  // target's argmax, that path (request-local indices), and the bonus token.
+  m.def(
+      "tree_accept_greedy(Tensor parents, Tensor tokens, Tensor root_argmax, "
+      "Tensor node_argmax, Tensor cu_nodes, int max_depth) -> (Tensor, Tensor, Tensor)");
 }
 
 // Makes the extension importable as a Python module; importing it runs the

@@ -353,3 +353,154 @@ class NgramPool:
         picked = tokens[rows.long()][mask]
         if bool(((picked < 0) | (picked >= self.vocab_size)).any()):
             raise ValueError(f"token id outside the vocabulary [0, {self.vocab_size})")
+
+
+# --------------------------------------------------------------------------
+# Token trees (layout documented in csrc/tree.h).
+
+
+def tree_mask_words(cu_nodes: torch.Tensor) -> int:
+    """64-bit words needed for the ancestor masks of the largest tree."""
+    sizes = cu_nodes[1:] - cu_nodes[:-1]
+    return max(1, (int(sizes.max()) + 63) // 64) if len(sizes) else 1
+
+
+def tree_ancestor_masks(
+    parents: torch.Tensor, cu_nodes: torch.Tensor, words: int | None = None
+) -> torch.Tensor:
+    """int64 [nodes, words]: bit m of row i set <=> request-local node m is
+    node i or one of its ancestors. parents, cu_nodes: int32."""
+    return _ops.tree_ancestor_masks(parents, cu_nodes, words or tree_mask_words(cu_nodes))
+
+
+def tree_attention(
+    query: torch.Tensor,
+    tree_key: torch.Tensor,
+    tree_value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    cu_nodes: torch.Tensor,
+    masks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of tree nodes over their request's paged KV prefix plus
+    their ancestors and themselves.
+
+    query [nodes, heads, D]; tree_key/tree_value [nodes, kv_heads, D];
+    key_cache/value_cache [num_blocks, block_size, kv_heads, D];
+    block_table int32 [batch, max_blocks]; prefix_lens int32 [batch];
+    cu_nodes int32 [batch + 1]; masks from :func:`tree_ancestor_masks`.
+    Returns [nodes, heads, D] in query's dtype (accumulated in float32).
+    """
+    return _ops.tree_attention(query, tree_key, tree_value, key_cache, value_cache,
+                               block_table, prefix_lens, cu_nodes, masks, scale)
+
+
+def tree_kv_compact(
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    src_slots: torch.Tensor,
+    dst_slots: torch.Tensor,
+) -> None:
+    """For every cache [num_blocks, block_size, ...] of every layer, copy slot
+    ``src_slots[i]`` to ``dst_slots[i]`` (int64 flat slot ids), reading all
+    sources before writing: moves the accepted path's KV into the slots of
+    positions p+1..p+a."""
+    _ops.tree_kv_compact(list(key_caches), list(value_caches), src_slots, dst_slots)
+
+
+def tree_accept_greedy(
+    parents: torch.Tensor,
+    tokens: torch.Tensor,
+    root_argmax: torch.Tensor,
+    node_argmax: torch.Tensor,
+    cu_nodes: torch.Tensor,
+    max_depth: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy tree verification, all int32. A node is accepted when its token
+    is the target's argmax after its parent (``root_argmax[b]`` for a root
+    child) and its parent is accepted; per request the deepest accepted node
+    wins (the first in order among equals). Returns (path [batch, max_depth]
+    of request-local node indices, -1 padded; accepted count [batch]; bonus
+    token [batch]: the target's argmax after the path). CPU only: the result
+    steers the scheduler, which runs on the host."""
+    return _ops.tree_accept_greedy(parents, tokens, root_argmax, node_argmax,
+                                   cu_nodes, max_depth)
+
+
+def reference_tree_ancestor_masks(parents: torch.Tensor, cu_nodes: torch.Tensor,
+                                  words: int) -> torch.Tensor:
+    masks = torch.zeros(len(parents), words, dtype=torch.int64)
+    cu = cu_nodes.tolist()
+    for b in range(len(cu) - 1):
+        bits: list[int] = []
+        for i in range(cu[b + 1] - cu[b]):
+            p = int(parents[cu[b] + i])
+            bits.append((bits[p] if p >= 0 else 0) | (1 << i))
+            for w in range(words):
+                word = (bits[i] >> (64 * w)) & 0xFFFFFFFFFFFFFFFF
+                masks[cu[b] + i, w] = word - (1 << 64) if word >= 1 << 63 else word
+    return masks
+
+
+def reference_tree_attention(query, tree_key, tree_value, key_cache, value_cache,
+                             block_table, prefix_lens, cu_nodes, masks, scale):
+    """Dense masked softmax attention in float64."""
+    out = torch.empty_like(query)
+    block_size = key_cache.shape[1]
+    group = query.shape[1] // tree_key.shape[1]
+    cu = cu_nodes.tolist()
+    for b in range(len(cu) - 1):
+        lo, hi = cu[b], cu[b + 1]
+        if lo == hi:
+            continue
+        n_prefix = int(prefix_lens[b])
+        pos = torch.arange(n_prefix)
+        slots = block_table[b, pos // block_size].long() * block_size + pos % block_size
+        flat = lambda c: c.reshape(-1, *c.shape[2:])[slots]
+        keys = torch.cat([flat(key_cache), tree_key[lo:hi]]).double()
+        values = torch.cat([flat(value_cache), tree_value[lo:hi]]).double()
+        local = torch.arange(hi - lo)
+        words = masks[lo:hi, local // 64]
+        ancestor = ((words >> (local % 64)) & 1).bool()
+        allowed = torch.cat([torch.ones(hi - lo, n_prefix, dtype=torch.bool), ancestor], 1)
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = torch.einsum("nhd,khd->hnk", query[lo:hi].double(), keys) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[lo:hi] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), values).to(query.dtype)
+    return out
+
+
+def reference_tree_kv_compact(key_caches, value_caches, src_slots, dst_slots) -> None:
+    for cache in [*key_caches, *value_caches]:
+        flat = cache.view(-1, *cache.shape[2:])
+        flat[dst_slots] = flat[src_slots].clone()
+
+
+def reference_tree_accept_greedy(parents, tokens, root_argmax, node_argmax, cu_nodes,
+                                 max_depth):
+    cu = cu_nodes.tolist()
+    batch = len(cu) - 1
+    path = torch.full((batch, max_depth), -1, dtype=torch.int32)
+    accepted = torch.zeros(batch, dtype=torch.int32)
+    bonus = torch.empty(batch, dtype=torch.int32)
+    for b in range(batch):
+        depth: list[int] = []
+        best, best_depth = -1, 0
+        for i in range(cu[b + 1] - cu[b]):
+            p = int(parents[cu[b] + i])
+            expected = int(root_argmax[b]) if p < 0 else int(node_argmax[cu[b] + p])
+            ok = (p < 0 or depth[p] > 0) and int(tokens[cu[b] + i]) == expected
+            depth.append((1 if p < 0 else depth[p] + 1) if ok else 0)
+            if depth[i] > best_depth:
+                best, best_depth = i, depth[i]
+        accepted[b] = best_depth
+        bonus[b] = int(root_argmax[b]) if best < 0 else int(node_argmax[cu[b] + best])
+        node, k = best, best_depth - 1
+        while node >= 0:
+            path[b, k] = node
+            node, k = int(parents[cu[b] + node]), k - 1
+    return path, accepted, bonus

@@ -1,0 +1,227 @@
+// CPU implementation of the tree ops.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
+
+#include "tree_binding.h"
+
+namespace vllm_lookahead {
+namespace {
+
+// Host-side structure checks: offsets monotone, parents precede children,
+// every tree fits in the mask words.
+void check_tree_structure(const at::Tensor& parents, const at::Tensor& cu_nodes,
+                          int64_t words) {
+  const int32_t* cu = cu_nodes.data_ptr<int32_t>();
+  const int32_t* par = parents.data_ptr<int32_t>();
+  const int64_t batch = cu_nodes.size(0) - 1;
+  TORCH_CHECK_VALUE(batch >= 0 && cu[0] == 0 && cu[batch] == parents.size(0),
+                    "cu_nodes must start at 0 and end at the number of nodes");
+  for (int64_t b = 0; b < batch; ++b) {
+    const int32_t n = cu[b + 1] - cu[b];
+    TORCH_CHECK_VALUE(n >= 0 && n <= words * 64, "request ", b, " has ", n,
+                      " nodes; at most ", words * 64, " fit the masks");
+    for (int32_t i = 0; i < n; ++i) {
+      const int32_t p = par[cu[b] + i];
+      TORCH_CHECK_VALUE(p >= -1 && p < i, "node ", i, " of request ", b,
+                        " has parent ", p, "; parents must precede children");
+    }
+  }
+}
+
+at::Tensor tree_ancestor_masks_cpu(const at::Tensor& parents, const at::Tensor& cu_nodes,
+                                   int64_t words) {
+  check_int_tensor(parents, "parents", at::kInt, 1, parents.device());
+  check_int_tensor(cu_nodes, "cu_nodes", at::kInt, 1, parents.device());
+  TORCH_CHECK_VALUE(words >= 1, "words must be >= 1");
+  check_tree_structure(parents, cu_nodes, words);
+  auto masks = at::zeros({parents.size(0), words}, parents.options().dtype(at::kLong));
+  const int32_t* cu = cu_nodes.data_ptr<int32_t>();
+  for (int64_t b = 0; b + 1 < cu_nodes.size(0); ++b) {
+    build_ancestor_masks(parents.data_ptr<int32_t>() + cu[b], cu[b + 1] - cu[b],
+                         static_cast<int>(words),
+                         masks.data_ptr<int64_t>() + static_cast<int64_t>(cu[b]) * words);
+  }
+  return masks;
+}
+
+template <typename T>
+float dot(const T* a, const T* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(a[i]) * static_cast<float>(b[i]);
+  return s;
+}
+
+template <typename T>
+void accumulate(std::vector<float>& acc, const T* v, float rescale, float weight) {
+  for (size_t i = 0; i < acc.size(); ++i) {
+    acc[i] = acc[i] * rescale + weight * static_cast<float>(v[i]);
+  }
+}
+
+template <typename T>
+void tree_attention_kernel(const TreeAttentionDims& d, const T* q, const T* tk,
+                           const T* tv, const T* kc, const T* vc, const int32_t* bt,
+                           const int32_t* prefix, const int32_t* cu,
+                           const int64_t* masks, float scale, T* out) {
+  const int64_t group = d.num_heads / d.num_kv_heads;
+  const int64_t D = d.head_size;
+  std::vector<int32_t> request_of(d.num_nodes);
+  for (int64_t b = 0; b < d.batch; ++b) {
+    for (int32_t i = cu[b]; i < cu[b + 1]; ++i) request_of[i] = static_cast<int32_t>(b);
+  }
+  at::parallel_for(0, d.num_nodes * d.num_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(D);
+    for (int64_t work = begin; work < end; ++work) {
+      const int64_t node = work / d.num_heads, h = work % d.num_heads;
+      const int64_t kvh = h / group, b = request_of[node];
+      const T* qv = q + (node * d.num_heads + h) * D;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      OnlineSoftmax sm;
+      float rescale, weight;
+      for (int32_t j = 0; j < prefix[b]; ++j) {
+        const int64_t block = bt[b * d.max_blocks + j / d.block_size];
+        const int64_t off = ((block * d.block_size + j % d.block_size) * d.num_kv_heads + kvh) * D;
+        sm.add(dot(qv, kc + off, D) * scale, rescale, weight);
+        accumulate(acc, vc + off, rescale, weight);
+      }
+      const int64_t* mask = masks + node * d.words;
+      for (int32_t m = cu[b]; m <= node; ++m) {
+        if (!mask_has(mask, m - cu[b])) continue;
+        const int64_t off = (static_cast<int64_t>(m) * d.num_kv_heads + kvh) * D;
+        sm.add(dot(qv, tk + off, D) * scale, rescale, weight);
+        accumulate(acc, tv + off, rescale, weight);
+      }
+      T* o = out + (node * d.num_heads + h) * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[i] / sm.denom);
+    }
+  });
+}
+
+at::Tensor tree_attention_cpu(const at::Tensor& query, const at::Tensor& tree_key,
+                              const at::Tensor& tree_value, const at::Tensor& key_cache,
+                              const at::Tensor& value_cache, const at::Tensor& block_table,
+                              const at::Tensor& prefix_lens, const at::Tensor& cu_nodes,
+                              const at::Tensor& masks, double scale) {
+  const auto d = check_tree_attention_args(query, tree_key, tree_value, key_cache,
+                                           value_cache, block_table, prefix_lens,
+                                           cu_nodes, masks);
+  const int32_t* cu = cu_nodes.data_ptr<int32_t>();
+  const int32_t* prefix = prefix_lens.data_ptr<int32_t>();
+  const int32_t* bt = block_table.data_ptr<int32_t>();
+  const int64_t num_blocks = key_cache.size(0);
+  TORCH_CHECK_VALUE(cu[0] == 0 && cu[d.batch] == d.num_nodes,
+                    "cu_nodes must start at 0 and end at the number of nodes");
+  for (int64_t b = 0; b < d.batch; ++b) {
+    TORCH_CHECK_VALUE(cu[b] <= cu[b + 1], "cu_nodes must be non-decreasing");
+    TORCH_CHECK_VALUE(cu[b + 1] - cu[b] <= d.words * 64, "request ", b,
+                      " has more nodes than its mask words hold");
+    TORCH_CHECK_VALUE(prefix[b] >= 0 && prefix[b] <= d.max_blocks * d.block_size,
+                      "prefix length ", prefix[b], " of request ", b,
+                      " exceeds its block table");
+    for (int64_t j = 0; j < (prefix[b] + d.block_size - 1) / d.block_size; ++j) {
+      const int32_t block = bt[b * d.max_blocks + j];
+      TORCH_CHECK_VALUE(block >= 0 && block < num_blocks, "block id ", block,
+                        " out of range");
+    }
+  }
+  auto out = at::empty_like(query);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, query.scalar_type(), "tree_attention_cpu", [&] {
+        tree_attention_kernel<scalar_t>(
+            d, query.data_ptr<scalar_t>(), tree_key.data_ptr<scalar_t>(),
+            tree_value.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+            value_cache.data_ptr<scalar_t>(), bt, prefix, cu,
+            masks.data_ptr<int64_t>(), static_cast<float>(scale),
+            out.data_ptr<scalar_t>());
+      });
+  return out;
+}
+
+void tree_kv_compact_cpu(at::TensorList key_caches, at::TensorList value_caches,
+                         const at::Tensor& src_slots, const at::Tensor& dst_slots) {
+  TORCH_CHECK_VALUE(key_caches.size() == value_caches.size(),
+                    "need as many value caches as key caches");
+  check_int_tensor(src_slots, "src_slots", at::kLong, 1, src_slots.device());
+  check_int_tensor(dst_slots, "dst_slots", at::kLong, 1, src_slots.device());
+  TORCH_CHECK_VALUE(src_slots.size(0) == dst_slots.size(0),
+                    "src_slots and dst_slots must have the same length");
+  const int64_t n = src_slots.size(0);
+  const int64_t* src = src_slots.data_ptr<int64_t>();
+  const int64_t* dst = dst_slots.data_ptr<int64_t>();
+  for (size_t c = 0; c < 2 * key_caches.size(); ++c) {
+    const at::Tensor& cache = c % 2 ? value_caches[c / 2] : key_caches[c / 2];
+    TORCH_CHECK_VALUE(cache.dim() >= 2 && cache.is_contiguous(),
+                      "caches must be contiguous [num_blocks, block_size, ...]");
+    const int64_t slots = cache.size(0) * cache.size(1);
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_VALUE(src[i] >= 0 && src[i] < slots && dst[i] >= 0 && dst[i] < slots,
+                        "slot out of range of a cache with ", slots, " slots");
+    }
+    // Gather every source row before writing any destination, so a
+    // destination may be another entry's source.
+    const int64_t row = cache.numel() / slots * cache.element_size();
+    auto* base = static_cast<uint8_t*>(cache.data_ptr());
+    std::vector<uint8_t> staged(n * row);
+    for (int64_t i = 0; i < n; ++i) std::memcpy(&staged[i * row], base + src[i] * row, row);
+    for (int64_t i = 0; i < n; ++i) std::memcpy(base + dst[i] * row, &staged[i * row], row);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_accept_greedy_cpu(
+    const at::Tensor& parents, const at::Tensor& tokens, const at::Tensor& root_argmax,
+    const at::Tensor& node_argmax, const at::Tensor& cu_nodes, int64_t max_depth) {
+  const auto dev = parents.device();
+  for (const auto& [t, name] : {std::pair{&parents, "parents"}, {&tokens, "tokens"},
+                                {&root_argmax, "root_argmax"},
+                                {&node_argmax, "node_argmax"}, {&cu_nodes, "cu_nodes"}}) {
+    check_int_tensor(*t, name, at::kInt, 1, dev);
+  }
+  const int64_t n = parents.size(0), batch = cu_nodes.size(0) - 1;
+  TORCH_CHECK_VALUE(tokens.size(0) == n && node_argmax.size(0) == n &&
+                        root_argmax.size(0) == batch,
+                    "tokens and node_argmax must be [nodes], root_argmax [batch]");
+  check_tree_structure(parents, cu_nodes, (n + 63) / 64 + 1);
+  TORCH_CHECK_VALUE(max_depth >= 0, "max_depth must be >= 0");
+  auto path = at::full({batch, max_depth}, -1, parents.options());
+  auto num_accepted = at::zeros({batch}, parents.options());
+  auto bonus = at::empty({batch}, parents.options());
+  const int32_t *par = parents.data_ptr<int32_t>(), *tok = tokens.data_ptr<int32_t>(),
+                *root = root_argmax.data_ptr<int32_t>(),
+                *arg = node_argmax.data_ptr<int32_t>(), *cu = cu_nodes.data_ptr<int32_t>();
+  std::vector<int32_t> depth(n);
+  for (int64_t b = 0; b < batch; ++b) {
+    int32_t best = -1, best_depth = 0;
+    for (int32_t i = cu[b]; i < cu[b + 1]; ++i) {
+      const int32_t p = par[i];
+      const bool parent_ok = p < 0 || depth[cu[b] + p] > 0;
+      const int32_t expected = p < 0 ? root[b] : arg[cu[b] + p];
+      depth[i] = parent_ok && tok[i] == expected ? (p < 0 ? 1 : depth[cu[b] + p] + 1) : 0;
+      if (depth[i] > best_depth) {
+        best_depth = depth[i];
+        best = i;
+      }
+    }
+    TORCH_CHECK_VALUE(best_depth <= max_depth, "accepted depth ", best_depth,
+                      " exceeds max_depth ", max_depth);
+    num_accepted.data_ptr<int32_t>()[b] = best_depth;
+    bonus.data_ptr<int32_t>()[b] = best < 0 ? root[b] : arg[best];
+    for (int32_t i = best, k = best_depth - 1; i >= cu[b]; i = par[i] < 0 ? -1 : cu[b] + par[i], --k) {
+      path.data_ptr<int32_t>()[b * max_depth + k] = i - cu[b];
+    }
+  }
+  return {path, num_accepted, bonus};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vllm_lookahead, CPU, m) {
+  m.impl("tree_ancestor_masks", &tree_ancestor_masks_cpu);
+  m.impl("tree_attention", &tree_attention_cpu);
+  m.impl("tree_kv_compact", &tree_kv_compact_cpu);
+  m.impl("tree_accept_greedy", &tree_accept_greedy_cpu);
+}
+
+}  // namespace vllm_lookahead
