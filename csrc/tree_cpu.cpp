@@ -1,8 +1,7 @@
 // CPU implementation of the tree ops.
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "tree_binding.h"
@@ -47,57 +46,13 @@ at::Tensor tree_ancestor_masks_cpu(const at::Tensor& parents, const at::Tensor& 
   return masks;
 }
 
-template <typename T>
-float dot(const T* a, const T* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += static_cast<float>(a[i]) * static_cast<float>(b[i]);
-  return s;
-}
-
-template <typename T>
-void accumulate(std::vector<float>& acc, const T* v, float rescale, float weight) {
-  for (size_t i = 0; i < acc.size(); ++i) {
-    acc[i] = acc[i] * rescale + weight * static_cast<float>(v[i]);
-  }
-}
-
-template <typename T>
-void tree_attention_kernel(const TreeAttentionDims& d, const T* q, const T* tk,
-                           const T* tv, const T* kc, const T* vc, const int32_t* bt,
-                           const int32_t* prefix, const int32_t* cu,
-                           const int64_t* masks, float scale, T* out) {
-  const int64_t group = d.num_heads / d.num_kv_heads;
-  const int64_t D = d.head_size;
-  std::vector<int32_t> request_of(d.num_nodes);
-  for (int64_t b = 0; b < d.batch; ++b) {
-    for (int32_t i = cu[b]; i < cu[b + 1]; ++i) request_of[i] = static_cast<int32_t>(b);
-  }
-  at::parallel_for(0, d.num_nodes * d.num_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D);
-    for (int64_t work = begin; work < end; ++work) {
-      const int64_t node = work / d.num_heads, h = work % d.num_heads;
-      const int64_t kvh = h / group, b = request_of[node];
-      const T* qv = q + (node * d.num_heads + h) * D;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      OnlineSoftmax sm;
-      float rescale, weight;
-      for (int32_t j = 0; j < prefix[b]; ++j) {
-        const int64_t block = bt[b * d.max_blocks + j / d.block_size];
-        const int64_t off = ((block * d.block_size + j % d.block_size) * d.num_kv_heads + kvh) * D;
-        sm.add(dot(qv, kc + off, D) * scale, rescale, weight);
-        accumulate(acc, vc + off, rescale, weight);
-      }
-      const int64_t* mask = masks + node * d.words;
-      for (int32_t m = cu[b]; m <= node; ++m) {
-        if (!mask_has(mask, m - cu[b])) continue;
-        const int64_t off = (static_cast<int64_t>(m) * d.num_kv_heads + kvh) * D;
-        sm.add(dot(qv, tk + off, D) * scale, rescale, weight);
-        accumulate(acc, tv + off, rescale, weight);
-      }
-      T* o = out + (node * d.num_heads + h) * D;
-      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(acc[i] / sm.denom);
-    }
-  });
+// Tree-part mask of one request: [n, n], true where key node m is the query
+// node i or one of its ancestors.
+at::Tensor intra_tree_mask(const at::Tensor& masks, int64_t lo, int64_t n) {
+  auto local = at::arange(n, masks.options());
+  auto words = masks.slice(0, lo, lo + n).index_select(1, at::floor_divide(local, 64));
+  return at::bitwise_and(at::bitwise_right_shift(words, at::remainder(local, 64)), 1)
+      .to(at::kBool);
 }
 
 at::Tensor tree_attention_cpu(const at::Tensor& query, const at::Tensor& tree_key,
@@ -127,16 +82,36 @@ at::Tensor tree_attention_cpu(const at::Tensor& query, const at::Tensor& tree_ke
                         " out of range");
     }
   }
+  // Per request and KV head, all the group's query heads and nodes at once:
+  // scores against [prefix keys gathered from the paged cache ; tree keys]
+  // with BLAS, the tree part masked by the ancestor bits, softmax in float32.
   auto out = at::empty_like(query);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, query.scalar_type(), "tree_attention_cpu", [&] {
-        tree_attention_kernel<scalar_t>(
-            d, query.data_ptr<scalar_t>(), tree_key.data_ptr<scalar_t>(),
-            tree_value.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
-            value_cache.data_ptr<scalar_t>(), bt, prefix, cu,
-            masks.data_ptr<int64_t>(), static_cast<float>(scale),
-            out.data_ptr<scalar_t>());
-      });
+  const int64_t group = d.num_heads / d.num_kv_heads;
+  const auto flat_k = key_cache.view({-1, d.num_kv_heads, d.head_size});
+  const auto flat_v = value_cache.view({-1, d.num_kv_heads, d.head_size});
+  const auto table = block_table.to(at::kLong);
+  for (int64_t b = 0; b < d.batch; ++b) {
+    const int64_t lo = cu[b], n = cu[b + 1] - cu[b], p = prefix[b];
+    if (n == 0) continue;
+    auto pos = at::arange(p, table.options());
+    auto slots = table[b].index_select(0, at::floor_divide(pos, d.block_size)) * d.block_size +
+                 at::remainder(pos, d.block_size);
+    auto keys = at::cat({flat_k.index_select(0, slots), tree_key.slice(0, lo, lo + n)})
+                    .to(at::kFloat).permute({1, 2, 0});                 // [Hkv, D, P+n]
+    auto values = at::cat({flat_v.index_select(0, slots), tree_value.slice(0, lo, lo + n)})
+                      .to(at::kFloat).permute({1, 0, 2});               // [Hkv, P+n, D]
+    auto q = query.slice(0, lo, lo + n).to(at::kFloat)
+                 .view({n, d.num_kv_heads, group, d.head_size})
+                 .permute({1, 0, 2, 3}).reshape({d.num_kv_heads, n * group, d.head_size});
+    auto scores = at::bmm(q, keys).mul_(scale);                          // [Hkv, n*g, P+n]
+    auto tree_scores = scores.narrow(2, p, n).view({d.num_kv_heads, n, group, n});
+    auto hidden = intra_tree_mask(masks, lo, n).logical_not().view({1, n, 1, n});
+    tree_scores.masked_fill_(hidden, -std::numeric_limits<float>::infinity());
+    auto o = at::bmm(at::softmax(scores, -1), values)                   // [Hkv, n*g, D]
+                 .view({d.num_kv_heads, n, group, d.head_size})
+                 .permute({1, 0, 2, 3}).reshape({n, d.num_heads, d.head_size});
+    out.slice(0, lo, lo + n).copy_(o);
+  }
   return out;
 }
 
