@@ -19,11 +19,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LA_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace vllm_lookahead {
 

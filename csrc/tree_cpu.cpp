@@ -1,6 +1,5 @@
 // CPU implementation of the tree ops.
 
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -87,18 +86,17 @@ at::Tensor tree_attention_cpu(const at::Tensor& query, const at::Tensor& tree_ke
   // with BLAS, the tree part masked by the ancestor bits, softmax in float32.
   auto out = at::empty_like(query);
   const int64_t group = d.num_heads / d.num_kv_heads;
-  const auto flat_k = key_cache.view({-1, d.num_kv_heads, d.head_size});
-  const auto flat_v = value_cache.view({-1, d.num_kv_heads, d.head_size});
   const auto table = block_table.to(at::kLong);
   for (int64_t b = 0; b < d.batch; ++b) {
     const int64_t lo = cu[b], n = cu[b + 1] - cu[b], p = prefix[b];
     if (n == 0) continue;
     auto pos = at::arange(p, table.options());
-    auto slots = table[b].index_select(0, at::floor_divide(pos, d.block_size)) * d.block_size +
-                 at::remainder(pos, d.block_size);
-    auto keys = at::cat({flat_k.index_select(0, slots), tree_key.slice(0, lo, lo + n)})
+    const c10::List<std::optional<at::Tensor>> where{
+        table[b].index_select(0, at::floor_divide(pos, d.block_size)),
+        at::remainder(pos, d.block_size)};
+    auto keys = at::cat({key_cache.index(where), tree_key.slice(0, lo, lo + n)})
                     .to(at::kFloat).permute({1, 2, 0});                 // [Hkv, D, P+n]
-    auto values = at::cat({flat_v.index_select(0, slots), tree_value.slice(0, lo, lo + n)})
+    auto values = at::cat({value_cache.index(where), tree_value.slice(0, lo, lo + n)})
                       .to(at::kFloat).permute({1, 0, 2});               // [Hkv, P+n, D]
     auto q = query.slice(0, lo, lo + n).to(at::kFloat)
                  .view({n, d.num_kv_heads, group, d.head_size})
@@ -117,31 +115,24 @@ at::Tensor tree_attention_cpu(const at::Tensor& query, const at::Tensor& tree_ke
 
 void tree_kv_compact_cpu(at::TensorList key_caches, at::TensorList value_caches,
                          const at::Tensor& src_slots, const at::Tensor& dst_slots) {
-  TORCH_CHECK_VALUE(key_caches.size() == value_caches.size(),
-                    "need as many value caches as key caches");
-  check_int_tensor(src_slots, "src_slots", at::kLong, 1, src_slots.device());
-  check_int_tensor(dst_slots, "dst_slots", at::kLong, 1, src_slots.device());
-  TORCH_CHECK_VALUE(src_slots.size(0) == dst_slots.size(0),
-                    "src_slots and dst_slots must have the same length");
-  const int64_t n = src_slots.size(0);
-  const int64_t* src = src_slots.data_ptr<int64_t>();
-  const int64_t* dst = dst_slots.data_ptr<int64_t>();
-  for (size_t c = 0; c < 2 * key_caches.size(); ++c) {
-    const at::Tensor& cache = c % 2 ? value_caches[c / 2] : key_caches[c / 2];
-    TORCH_CHECK_VALUE(cache.dim() >= 2 && cache.is_contiguous(),
-                      "caches must be contiguous [num_blocks, block_size, ...]");
-    const int64_t slots = cache.size(0) * cache.size(1);
-    for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK_VALUE(src[i] >= 0 && src[i] < slots && dst[i] >= 0 && dst[i] < slots,
-                        "slot out of range of a cache with ", slots, " slots");
+  check_compact_args(key_caches, value_caches, src_slots, dst_slots);
+  for (const at::TensorList caches : {key_caches, value_caches}) {
+    for (const at::Tensor& cache : caches) {
+      at::Tensor target = cache;
+      // Gather every source before writing any destination, so a
+      // destination may be another entry's source.
+      if (cache.is_contiguous()) {
+        auto rows = target.view({-1, cache.size(2), cache.size(3)});
+        rows.index_copy_(0, dst_slots, rows.index_select(0, src_slots));
+        continue;
+      }
+      const int64_t block_size = cache.size(1);
+      auto at_slots = [&](const at::Tensor& slots) {
+        return c10::List<std::optional<at::Tensor>>{at::floor_divide(slots, block_size),
+                                                    at::remainder(slots, block_size)};
+      };
+      target.index_put_(at_slots(dst_slots), cache.index(at_slots(src_slots)));
     }
-    // Gather every source row before writing any destination, so a
-    // destination may be another entry's source.
-    const int64_t row = cache.numel() / slots * cache.element_size();
-    auto* base = static_cast<uint8_t*>(cache.data_ptr());
-    std::vector<uint8_t> staged(n * row);
-    for (int64_t i = 0; i < n; ++i) std::memcpy(&staged[i * row], base + src[i] * row, row);
-    for (int64_t i = 0; i < n; ++i) std::memcpy(base + dst[i] * row, &staged[i * row], row);
   }
 }
 

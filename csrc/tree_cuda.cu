@@ -1,6 +1,6 @@
 // CUDA implementation of the tree ops: tree attention with one warp per
-// (node, query head), ancestor masks and greedy acceptance with one thread
-// per request, KV compaction as a gather into a staging buffer then a scatter.
+// (node, query head), ancestor masks with one thread per request, KV
+// compaction as a gather into a staging buffer then a scatter.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -52,7 +52,8 @@ __global__ void tree_attention_kernel(TreeAttentionDims d, const T* q, const T* 
   OnlineSoftmax sm;
   for (int32_t j = 0; j < prefix[b]; ++j) {
     const int64_t block = bt[b * d.max_blocks + j / d.block_size];
-    const int64_t off = ((block * d.block_size + j % d.block_size) * d.num_kv_heads + kvh) * D;
+    const int64_t off = block * d.cache_strides[0] + (j % d.block_size) * d.cache_strides[1] +
+                        kvh * d.cache_strides[2];
     attend(qv, kc + off, vc + off, D, scale, sm, acc);
   }
   const int64_t* mask = masks + node * d.words;
@@ -75,14 +76,23 @@ __global__ void ancestor_masks_kernel(const int32_t* parents, const int32_t* cu,
                        masks + static_cast<int64_t>(cu[b]) * words);
 }
 
-__global__ void copy_rows_kernel(const uint8_t* from, const int64_t* from_rows,
-                                 uint8_t* to, const int64_t* to_rows, int64_t n,
-                                 int64_t row_bytes) {
-  const int64_t i = blockIdx.x;
-  if (i >= n) return;
-  const uint8_t* s = from + (from_rows ? from_rows[i] : i) * row_bytes;
-  uint8_t* t = to + (to_rows ? to_rows[i] : i) * row_bytes;
-  for (int64_t k = threadIdx.x; k < row_bytes; k += blockDim.x) t[k] = s[k];
+// Copies [n, kv_heads, head_size] rows between a strided paged cache and a
+// contiguous staging buffer; one block per slot.
+template <typename T, bool kToCache>
+__global__ void stage_slots_kernel(T* cache, int64_t s0, int64_t s1, int64_t s2,
+                                   int64_t s3, int64_t block_size, int64_t heads,
+                                   int64_t head_size, const int64_t* slots, T* staged) {
+  const int64_t i = blockIdx.x, slot = slots[i];
+  T* base = cache + (slot / block_size) * s0 + (slot % block_size) * s1;
+  for (int64_t k = threadIdx.x; k < heads * head_size; k += blockDim.x) {
+    T* c = base + (k / head_size) * s2 + (k % head_size) * s3;
+    T* st = staged + i * heads * head_size + k;
+    if (kToCache) {
+      *c = *st;
+    } else {
+      *st = *c;
+    }
+  }
 }
 
 at::Tensor tree_ancestor_masks_cuda(const at::Tensor& parents, const at::Tensor& cu_nodes,
@@ -131,28 +141,27 @@ at::Tensor tree_attention_cuda(const at::Tensor& query, const at::Tensor& tree_k
 
 void tree_kv_compact_cuda(at::TensorList key_caches, at::TensorList value_caches,
                           const at::Tensor& src_slots, const at::Tensor& dst_slots) {
-  TORCH_CHECK_VALUE(key_caches.size() == value_caches.size(),
-                    "need as many value caches as key caches");
-  check_int_tensor(src_slots, "src_slots", at::kLong, 1, src_slots.device());
-  check_int_tensor(dst_slots, "dst_slots", at::kLong, 1, src_slots.device());
-  TORCH_CHECK_VALUE(src_slots.size(0) == dst_slots.size(0),
-                    "src_slots and dst_slots must have the same length");
+  check_compact_args(key_caches, value_caches, src_slots, dst_slots);
   const int64_t n = src_slots.size(0);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(src_slots.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  for (size_t c = 0; c < 2 * key_caches.size(); ++c) {
-    const at::Tensor& cache = c % 2 ? value_caches[c / 2] : key_caches[c / 2];
-    TORCH_CHECK_VALUE(cache.dim() >= 2 && cache.is_contiguous(),
-                      "caches must be contiguous [num_blocks, block_size, ...]");
-    const int64_t row = cache.numel() / (cache.size(0) * cache.size(1)) * cache.element_size();
-    auto staged = at::empty({n * row}, cache.options().dtype(at::kByte));
-    auto* base = static_cast<uint8_t*>(cache.data_ptr());
-    copy_rows_kernel<<<n, 128, 0, stream>>>(base, src_slots.data_ptr<int64_t>(),
-                                            staged.data_ptr<uint8_t>(), nullptr, n, row);
-    copy_rows_kernel<<<n, 128, 0, stream>>>(staged.data_ptr<uint8_t>(), nullptr, base,
-                                            dst_slots.data_ptr<int64_t>(), n, row);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (const at::TensorList caches : {key_caches, value_caches}) {
+    for (const at::Tensor& cache : caches) {
+      auto staged = at::empty({n, cache.size(2), cache.size(3)}, cache.options());
+      AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, cache.scalar_type(),
+                                 "tree_kv_compact_cuda", [&] {
+        auto* base = cache.data_ptr<scalar_t>();
+        const auto st = cache.strides();
+        stage_slots_kernel<scalar_t, false><<<n, 128, 0, stream>>>(
+            base, st[0], st[1], st[2], st[3], cache.size(1), cache.size(2), cache.size(3),
+            src_slots.data_ptr<int64_t>(), staged.data_ptr<scalar_t>());
+        stage_slots_kernel<scalar_t, true><<<n, 128, 0, stream>>>(
+            base, st[0], st[1], st[2], st[3], cache.size(1), cache.size(2), cache.size(3),
+            dst_slots.data_ptr<int64_t>(), staged.data_ptr<scalar_t>());
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
 }
 

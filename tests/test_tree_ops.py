@@ -128,3 +128,31 @@ def test_bad_trees_raise():
     with pytest.raises(ValueError, match="fit the masks"):
         ops.tree_ancestor_masks(torch.full((65,), -1, dtype=torch.int32),
                                 torch.tensor([0, 65], dtype=torch.int32), words=1)
+
+
+def test_ops_work_on_vllm_cpu_backend_cache_layout():
+    """vLLM's CPU_ATTN cache [num_blocks, kv_heads, block_size, 2 * head_size]
+    through strided views, for attention and compaction."""
+    gen = torch.Generator().manual_seed(7)
+    num_blocks, kv_heads, block_size, head_size = 6, 2, 32, 16
+    kv_cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_size, generator=gen)
+    key_view, value_view = ops.cpu_backend_cache_views(kv_cache)
+    assert not key_view.is_contiguous()
+    parents, cu = random_trees(gen, batch=2, max_nodes=12)
+    n = len(parents)
+    q = torch.randn(n, 4, head_size, generator=gen)
+    tk, tv = torch.randn(n, 2, head_size, generator=gen), torch.randn(n, 2, head_size, generator=gen)
+    table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    prefix = torch.tensor([70, 33], dtype=torch.int32)
+    masks = ops.tree_ancestor_masks(parents, cu)
+    args = (q, tk, tv, key_view, value_view, table, prefix, cu, masks, 0.25)
+    dense = (q, tk, tv, key_view.contiguous(), value_view.contiguous(), table, prefix, cu,
+             masks, 0.25)
+    torch.testing.assert_close(ops.tree_attention(*args), ops.reference_tree_attention(*dense),
+                               atol=2e-5, rtol=2e-5)
+
+    src, dst = torch.tensor([40, 41, 45]), torch.tensor([38, 39, 40])
+    expected = [key_view.contiguous(), value_view.contiguous()]
+    ops.reference_tree_kv_compact(expected[:1], expected[1:], src, dst)
+    ops.tree_kv_compact([key_view], [value_view], src, dst)
+    assert torch.equal(key_view, expected[0]) and torch.equal(value_view, expected[1])

@@ -389,7 +389,9 @@ def tree_attention(
     their ancestors and themselves.
 
     query [nodes, heads, D]; tree_key/tree_value [nodes, kv_heads, D];
-    key_cache/value_cache [num_blocks, block_size, kv_heads, D];
+    key_cache/value_cache: [num_blocks, block_size, kv_heads, D] views with
+    any strides but a contiguous head dim (vLLM's CPU cache is head-major:
+    see :func:`cpu_backend_cache_views`);
     block_table int32 [batch, max_blocks]; prefix_lens int32 [batch];
     cu_nodes int32 [batch + 1]; masks from :func:`tree_ancestor_masks`.
     Returns [nodes, heads, D] in query's dtype (accumulated in float32).
@@ -398,13 +400,23 @@ def tree_attention(
                                block_table, prefix_lens, cu_nodes, masks, scale)
 
 
+def cpu_backend_cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views [num_blocks, block_size, kv_heads, head_size] of
+    one layer's cache of vLLM's CPU_ATTN backend, laid out as [num_blocks,
+    kv_heads, block_size, 2 * head_size] (keys then values per block row)."""
+    num_blocks, kv_heads, block_size, _ = kv_cache.shape
+    halves = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    return tuple(h.permute(0, 2, 1, 3) for h in halves)  # type: ignore[return-value]
+
+
 def tree_kv_compact(
     key_caches: Sequence[torch.Tensor],
     value_caches: Sequence[torch.Tensor],
     src_slots: torch.Tensor,
     dst_slots: torch.Tensor,
 ) -> None:
-    """For every cache [num_blocks, block_size, ...] of every layer, copy slot
+    """For every cache view [num_blocks, block_size, kv_heads, head_size] (any
+    strides, e.g. vLLM's head-major CPU blocks) of every layer, copy slot
     ``src_slots[i]`` to ``dst_slots[i]`` (int64 flat slot ids), reading all
     sources before writing: moves the accepted path's KV into the slots of
     positions p+1..p+a."""
@@ -476,8 +488,9 @@ def reference_tree_attention(query, tree_key, tree_value, key_cache, value_cache
 
 def reference_tree_kv_compact(key_caches, value_caches, src_slots, dst_slots) -> None:
     for cache in [*key_caches, *value_caches]:
-        flat = cache.view(-1, *cache.shape[2:])
-        flat[dst_slots] = flat[src_slots].clone()
+        bs = cache.shape[1]
+        staged = cache[src_slots // bs, src_slots % bs].clone()
+        cache[dst_slots // bs, dst_slots % bs] = staged
 
 
 def reference_tree_accept_greedy(parents, tokens, root_argmax, node_argmax, cu_nodes,
