@@ -21,8 +21,8 @@ struct TreeAttentionDims {
   int64_t cache_strides[3];
 };
 
-// Caches: same dtype and device as the query, head dim contiguous, any
-// other strides, keys and values strided alike.
+// Caches: same dtype and device as the query, any strides (the CUDA kernel
+// additionally needs a contiguous head dim).
 inline void check_cache_view(const at::Tensor& cache, const at::Tensor& like,
                              const char* name) {
   TORCH_CHECK_VALUE(cache.dim() == 4, name,
@@ -30,7 +30,6 @@ inline void check_cache_view(const at::Tensor& cache, const at::Tensor& like,
   TORCH_CHECK_VALUE(cache.scalar_type() == like.scalar_type() &&
                         cache.device() == like.device(),
                     name, " must match the query's dtype and device");
-  TORCH_CHECK_VALUE(cache.stride(3) == 1, name, "'s head dim must be contiguous");
 }
 
 inline TreeAttentionDims check_tree_attention_args(
@@ -43,8 +42,6 @@ inline TreeAttentionDims check_tree_attention_args(
                     "query, tree_key, tree_value must be [nodes, heads, head_size]");
   check_cache_view(key_cache, query, "key_cache");
   check_cache_view(value_cache, query, "value_cache");
-  TORCH_CHECK_VALUE(key_cache.strides() == value_cache.strides(),
-                    "key_cache and value_cache must have the same strides");
   for (const auto* t : {&query, &tree_key, &tree_value}) {
     TORCH_CHECK_VALUE(t->scalar_type() == query.scalar_type() && t->is_contiguous() &&
                           t->device() == dev,

@@ -121,6 +121,9 @@ at::Tensor tree_attention_cuda(const at::Tensor& query, const at::Tensor& tree_k
                                            value_cache, block_table, prefix_lens,
                                            cu_nodes, masks);
   TORCH_CHECK_VALUE(d.head_size <= kMaxHeadSize, "head_size must be <= ", kMaxHeadSize);
+  TORCH_CHECK_VALUE(key_cache.stride(3) == 1 && key_cache.strides() == value_cache.strides(),
+                    "the CUDA kernel needs caches with a contiguous head dim, "
+                    "keys and values strided alike");
   auto out = at::empty_like(query);
   if (d.num_nodes == 0) return out;
   const c10::cuda::CUDAGuard guard(query.device());

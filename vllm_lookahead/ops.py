@@ -390,8 +390,8 @@ def tree_attention(
 
     query [nodes, heads, D]; tree_key/tree_value [nodes, kv_heads, D];
     key_cache/value_cache: [num_blocks, block_size, kv_heads, D] views with
-    any strides but a contiguous head dim (vLLM's CPU cache is head-major:
-    see :func:`cpu_backend_cache_views`);
+    any strides (CUDA: contiguous head dim), e.g. vLLM's CPU cache through
+    :func:`cpu_backend_cache_views`;
     block_table int32 [batch, max_blocks]; prefix_lens int32 [batch];
     cu_nodes int32 [batch + 1]; masks from :func:`tree_ancestor_masks`.
     Returns [nodes, heads, D] in query's dtype (accumulated in float32).
@@ -402,11 +402,16 @@ def tree_attention(
 
 def cpu_backend_cache_views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Key and value views [num_blocks, block_size, kv_heads, head_size] of
-    one layer's cache of vLLM's CPU_ATTN backend, laid out as [num_blocks,
-    kv_heads, block_size, 2 * head_size] (keys then values per block row)."""
-    num_blocks, kv_heads, block_size, _ = kv_cache.shape
-    halves = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-    return tuple(h.permute(0, 2, 1, 3) for h in halves)  # type: ignore[return-value]
+    one layer's cache of vLLM's CPU_ATTN backend (fp32 "vec" kernels): a
+    tensor [num_blocks, kv_heads, block_size, 2 * head_size] whose every
+    (block, head) holds the keys transposed, [head_size, block_size], then
+    the values, [block_size, head_size]."""
+    num_blocks, kv_heads, block_size, two_d = kv_cache.shape
+    head_size = two_d // 2
+    per_head = kv_cache.reshape(num_blocks, kv_heads, 2, block_size * head_size)
+    keys = per_head[:, :, 0].unflatten(-1, (head_size, block_size)).permute(0, 3, 1, 2)
+    values = per_head[:, :, 1].unflatten(-1, (block_size, head_size)).permute(0, 2, 1, 3)
+    return keys, values
 
 
 def tree_kv_compact(

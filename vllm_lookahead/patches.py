@@ -50,7 +50,8 @@ class Patch:
         return {
             name: value
             for name, value in vars(cls).items()
-            if not name.startswith("_") and name != "target" and inspect.isfunction(value)
+            if not (name.startswith("__") and name.endswith("__"))
+            and inspect.isfunction(value)
         }
 
     @classmethod
@@ -92,11 +93,101 @@ def batch_request_ids_patch() -> type[Patch]:
         def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
             bind_batch = getattr(self.drafter, "bind_batch", None)
             if bind_batch is not None:
-                bind_batch(list(self.input_batch.req_ids))
+                req_ids = list(self.input_batch.req_ids)
+                greedy = self.input_batch.greedy_reqs
+                bind_batch(req_ids, [r in greedy for r in req_ids])
             original = GPUModelRunnerPatch.original("propose_draft_token_ids")
             return original(self, scheduler_output, *args, **kwargs)
 
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+            """Turns the step into a tree step when the drafter described its
+            last drafts as trees (``drafter.tree_parents``)."""
+            from vllm_lookahead.tree import runtime
+
+            original = GPUModelRunnerPatch.original("_prepare_inputs")
+            result = original(self, scheduler_output, num_scheduled_tokens)
+            tree_parents = getattr(getattr(self, "drafter", None), "tree_parents", None)
+            if not tree_parents:
+                runtime.end_step()
+                return result
+            num_reqs = self.input_batch.num_reqs
+            runtime.begin_step(
+                req_ids=list(self.input_batch.req_ids[:num_reqs]),
+                drafts=scheduler_output.scheduled_spec_decode_tokens,
+                tree_parents=tree_parents,
+                num_computed=self.input_batch.num_computed_tokens_cpu[:num_reqs],
+                query_start=self.query_start_loc.np[: num_reqs + 1],
+                positions=self.positions,
+                slot_mapping=self.input_batch.block_table.block_tables[0].slot_mapping.gpu,
+                kv_caches=runtime.kv_cache_list(self.kv_caches),
+            )
+            return result
+
     return GPUModelRunnerPatch
+
+
+def tree_attention_patch() -> type[Patch]:
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+
+    class CPUAttentionPatch(Patch):
+        """On a tree step, recomputes the tree nodes' rows after vLLM's own
+        CPU attention: prefix plus ancestors instead of the causal window."""
+
+        target = CPUAttentionBackendImpl
+
+        def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                    *args, **kwargs):
+            from vllm_lookahead.tree import runtime
+
+            original = CPUAttentionPatch.original("forward")
+            result = original(self, layer, query, key, value, kv_cache, attn_metadata,
+                              output, *args, **kwargs)
+            step = runtime.current()
+            if step is not None and attn_metadata is not None:
+                if (self.sliding_window not in (None, -1, (-1, -1)) or self.logits_soft_cap
+                        or self.alibi_slopes is not None or self.sinks is not None):
+                    raise NotImplementedError(
+                        "tree speculation does not support sliding-window, "
+                        "soft-capped, ALiBi or sink attention")
+                runtime.attend(step, query, key, value, kv_cache,
+                               attn_metadata.block_table, self.scale, output)
+            return result
+
+    return CPUAttentionPatch
+
+
+def tree_acceptance_patch() -> type[Patch]:
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    class RejectionSamplerPatch(Patch):
+        """On a tree step, greedy tree acceptance plus KV compaction instead
+        of linear rejection sampling."""
+
+        target = RejectionSampler
+
+        def forward(self, metadata, draft_probs, logits, sampling_metadata):
+            from vllm_lookahead.tree import runtime
+
+            step = runtime.current()
+            if step is None:
+                original = RejectionSamplerPatch.original("forward")
+                return original(self, metadata, draft_probs, logits, sampling_metadata)
+            if not sampling_metadata.all_greedy or sampling_metadata.max_num_logprobs:
+                runtime.end_step()
+                raise NotImplementedError(
+                    "tree speculation verifies greedy requests without logprobs only")
+            flat = metadata.draft_token_ids.tolist()
+            tokens_by_row, start = [], 0
+            for n in metadata.num_draft_tokens:
+                tokens_by_row.append(flat[start:start + n])
+                start += n
+            sampled = runtime.accept_and_compact(
+                step, tokens_by_row, list(metadata.num_draft_tokens), logits)
+            runtime.end_step()
+            return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+
+    return RejectionSamplerPatch
 
 
 def cli_metadata_alias() -> None:
@@ -159,6 +250,8 @@ def apply_all() -> None:
     check_vllm_version()
     startup_validation_patch().apply()
     batch_request_ids_patch().apply()
+    tree_attention_patch().apply()
+    tree_acceptance_patch().apply()
 
 
 def is_applied() -> bool:

@@ -61,7 +61,7 @@ class LookaheadProposer:
     def load_model(self, *args, **kwargs) -> None:
         """No model to load: the pool is the whole draft."""
 
-    def bind_batch(self, req_ids: list[str]) -> None:
+    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None) -> None:
         """Row -> request map of the coming ``propose`` call; pools of
         requests that left the batch (finished, aborted, preempted or
         unscheduled) are freed here and rebuilt from the token history if the

@@ -1,0 +1,101 @@
+"""Oracle tree proposer: a test instrument for the tree runtime.
+
+Knows each request's true greedy continuation (from a reference file made
+with plain vLLM) and proposes random trees in which that continuation is
+planted to a random depth among decoy branches that can never be accepted.
+The runtime must then accept exactly the planted depth every step, and the
+output must equal plain vLLM's. Configure with
+``additional_config={"oracle": {"reference": PATH, "seed": 0, "log": PATH}}``:
+``reference`` is a JSON list of token sequences (prompt followed by the
+greedy output); each step appends the planted depths to ``log``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+
+class OracleTreeProposer:
+    def __init__(self, vllm_config: Any):
+        config = (vllm_config.additional_config or {}).get("oracle")
+        if not isinstance(config, dict) or "reference" not in config:
+            raise ValueError('OracleTreeProposer needs additional_config["oracle"]'
+                             '["reference"]: a JSON file of greedy token sequences')
+        with open(config["reference"], encoding="utf-8") as f:
+            self.references = [list(map(int, seq)) for seq in json.load(f)]
+        self.k = vllm_config.speculative_config.num_speculative_tokens
+        self.vocab = vllm_config.model_config.get_vocab_size()
+        self.rng = np.random.default_rng(config.get("seed", 0))
+        self.log_path = config.get("log")
+        self.tree_parents: dict[str, list[int]] = {}
+        self._req_ids: list[str] = []
+        self._greedy: list[bool] = []
+
+    def load_model(self, *args, **kwargs) -> None:
+        """No model."""
+
+    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None) -> None:
+        self._req_ids = req_ids
+        self._greedy = greedy or [False] * len(req_ids)
+
+    def _continuation(self, history: np.ndarray) -> list[int] | None:
+        n = len(history)
+        for ref in self.references:
+            if len(ref) > n and np.array_equal(ref[:n], history):
+                return ref[n:]
+        return None
+
+    def _decoy(self, avoid: int | None) -> int:
+        while True:
+            token = int(self.rng.integers(0, self.vocab))
+            if token != avoid:
+                return token
+
+    def _tree(self, cont: list[int]) -> tuple[list[int], list[int], int]:
+        """Random tree of at most k nodes with ``cont`` planted to a random
+        depth; returns (tokens, parents, planted depth)."""
+        depth = int(self.rng.integers(0, min(self.k, len(cont) - 1) + 1))
+        size = int(self.rng.integers(max(depth, 1), self.k + 1))
+        tokens, parents, chain_depth = [], [], []  # chain_depth: -1 for decoys
+        planted = 0
+        while len(tokens) < size:
+            if planted < depth and (self.rng.random() < 0.5 or size - len(tokens) == depth - planted):
+                tokens.append(cont[planted])
+                parents.append(chain_depth.index(planted - 1) if planted else -1)
+                chain_depth.append(planted)
+                planted += 1
+                continue
+            parent = int(self.rng.integers(-1, len(tokens)))
+            under = 0 if parent < 0 else chain_depth[parent] + 1
+            # Under a planted node (or the root) the decoy must differ from the
+            # true next token, so it is never accepted.
+            avoid = cont[under] if parent < 0 or chain_depth[parent] >= 0 else None
+            tokens.append(self._decoy(avoid))
+            parents.append(parent)
+            chain_depth.append(-1)
+        return tokens, parents, depth
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
+                slot_mappings=None) -> list[list[int]]:
+        self.tree_parents = {}
+        drafts: list[list[int]] = []
+        planted: list[int] = []
+        for row, sampled in enumerate(sampled_token_ids):
+            req_id = self._req_ids[row]
+            cont = None
+            if sampled and self._greedy[row]:
+                cont = self._continuation(token_ids_cpu[row, : num_tokens_no_spec[row]])
+            if not cont or len(cont) < 2:
+                drafts.append([])
+                continue
+            tokens, parents, depth = self._tree(cont)
+            drafts.append(tokens)
+            self.tree_parents[req_id] = parents
+            planted.append(depth)
+        if self.log_path and planted:
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(" ".join(map(str, planted)) + "\n")
+        return drafts

@@ -1,0 +1,1 @@
+"""Token-tree speculation runtime."""
