@@ -107,12 +107,18 @@ def batch_request_ids_patch() -> type[Patch]:
             original = GPUModelRunnerPatch.original("_prepare_inputs")
             result = original(self, scheduler_output, num_scheduled_tokens)
             tree_parents = getattr(getattr(self, "drafter", None), "tree_parents", None)
-            if not tree_parents:
+            num_reqs = self.input_batch.num_reqs
+            req_ids = self.input_batch.req_ids[:num_reqs]
+            # Tree acceptance is the raw argmax and returns no logprobs; any
+            # other batch verifies the same drafts as a plain chain, which is
+            # exact too (vLLM's own rejection sampler).
+            if (not tree_parents or self.input_batch.num_logprobs
+                    or any(r not in self.input_batch.greedy_reqs for r in req_ids)
+                    or not runtime.raw_argmax_is_greedy(self.input_batch.sampling_metadata)):
                 runtime.end_step()
                 return result
-            num_reqs = self.input_batch.num_reqs
             runtime.begin_step(
-                req_ids=list(self.input_batch.req_ids[:num_reqs]),
+                req_ids=list(req_ids),
                 drafts=scheduler_output.scheduled_spec_decode_tokens,
                 tree_parents=tree_parents,
                 num_computed=self.input_batch.num_computed_tokens_cpu[:num_reqs],
@@ -167,21 +173,35 @@ def tree_acceptance_patch() -> type[Patch]:
         target = RejectionSampler
 
         def forward(self, metadata, draft_probs, logits, sampling_metadata):
+            from vllm.v1.sample.rejection_sampler import GREEDY_TEMPERATURE
+
             from vllm_lookahead.tree import runtime
 
             step = runtime.current()
-            if step is None:
-                original = RejectionSamplerPatch.original("forward")
-                return original(self, metadata, draft_probs, logits, sampling_metadata)
-            if not sampling_metadata.all_greedy or sampling_metadata.max_num_logprobs:
-                runtime.end_step()
-                raise NotImplementedError(
-                    "tree speculation verifies greedy requests without logprobs only")
             flat = metadata.draft_token_ids.tolist()
             tokens_by_row, start = [], 0
             for n in metadata.num_draft_tokens:
                 tokens_by_row.append(flat[start:start + n])
                 start += n
+            if step is None:
+                original = RejectionSamplerPatch.original("forward")
+                output = original(self, metadata, draft_probs, logits, sampling_metadata)
+                if (sampling_metadata.all_greedy or sampling_metadata.all_random
+                        or not runtime.raw_argmax_is_greedy(sampling_metadata)):
+                    return output
+                # vLLM 0.32's CPU verification of a batch mixing greedy and
+                # sampled requests changes greedy requests' tokens (measured:
+                # outputs differ from plain vLLM); redo the greedy rows.
+                greedy = (sampling_metadata.temperature == GREEDY_TEMPERATURE).cpu()
+                ours = runtime.accept_and_compact(
+                    None, tokens_by_row, list(metadata.num_draft_tokens), logits)
+                output.sampled_token_ids[greedy.to(output.sampled_token_ids.device)] = \
+                    ours[greedy.to(ours.device)].to(output.sampled_token_ids.dtype)
+                return output
+            if not sampling_metadata.all_greedy or sampling_metadata.max_num_logprobs:
+                runtime.end_step()
+                raise NotImplementedError(
+                    "tree speculation verifies greedy requests without logprobs only")
             sampled = runtime.accept_and_compact(
                 step, tokens_by_row, list(metadata.num_draft_tokens), logits)
             runtime.end_step()

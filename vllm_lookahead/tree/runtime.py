@@ -137,14 +137,16 @@ def attend(step: TreeStep, query: torch.Tensor, key: torch.Tensor, value: torch.
     output.view(output.shape[0], -1)[rows] = result.reshape(len(rows), -1).to(output.dtype)
 
 
-def accept_and_compact(step: TreeStep, tokens_by_row: list[list[int]],
+def accept_and_compact(step: TreeStep | None, tokens_by_row: list[list[int]],
                        num_draft: list[int], logits: torch.Tensor) -> torch.Tensor:
-    """Greedy acceptance for the whole batch (chains for linear requests),
-    then KV compaction of the tree requests. Returns vLLM's sampled token
-    ids [batch, max_draft + 1], -1 padded."""
+    """Greedy acceptance for the whole batch (chains for requests without a
+    tree, all of them when ``step`` is None), then KV compaction of the tree
+    requests. Returns vLLM's sampled token ids [batch, max_draft + 1], -1
+    padded."""
     batch = len(num_draft)
     argmax = logits.argmax(dim=-1).to(torch.int32).cpu()
-    tree_of_row = {int(b): i for i, b in enumerate(step.batch_rows.tolist())}
+    tree_of_row = {} if step is None else {
+        int(b): i for i, b in enumerate(step.batch_rows.tolist())}
     parents, cu, root, node = [], [0], [], []
     row = 0
     for b in range(batch):
@@ -183,6 +185,15 @@ def accept_and_compact(step: TreeStep, tokens_by_row: list[list[int]],
                             torch.tensor([s for s, _ in moves]),
                             torch.tensor([d for _, d in moves]))
     return out.to(logits.device)
+
+
+def raw_argmax_is_greedy(sampling_metadata: Any) -> bool:
+    """Whether the greedy token is the argmax of the raw logits: no
+    penalties, bad words or allowed-token masks (logits processors that
+    vLLM's sampler would apply first)."""
+    return bool(sampling_metadata.no_penalties
+                and not sampling_metadata.bad_words_token_ids
+                and sampling_metadata.allowed_token_ids_mask is None)
 
 
 def end_step() -> None:
