@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+
+import numpy as np
 from typing import Any, ClassVar
 
 PINNED_VLLM_VERSION = "0.32.0"
@@ -177,12 +179,12 @@ def tree_acceptance_patch() -> type[Patch]:
 
             from vllm_lookahead.tree import runtime
 
+            def drafts_by_row() -> list[list[int]]:
+                flat = metadata.draft_token_ids.tolist()
+                bounds = np.cumsum([0, *metadata.num_draft_tokens])
+                return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+
             step = runtime.current()
-            flat = metadata.draft_token_ids.tolist()
-            tokens_by_row, start = [], 0
-            for n in metadata.num_draft_tokens:
-                tokens_by_row.append(flat[start:start + n])
-                start += n
             if step is None:
                 original = RejectionSamplerPatch.original("forward")
                 output = original(self, metadata, draft_probs, logits, sampling_metadata)
@@ -194,7 +196,7 @@ def tree_acceptance_patch() -> type[Patch]:
                 # outputs differ from plain vLLM); redo the greedy rows.
                 greedy = (sampling_metadata.temperature == GREEDY_TEMPERATURE).cpu()
                 ours = runtime.accept_and_compact(
-                    None, tokens_by_row, list(metadata.num_draft_tokens), logits)
+                    None, drafts_by_row(), list(metadata.num_draft_tokens), logits)
                 output.sampled_token_ids[greedy.to(output.sampled_token_ids.device)] = \
                     ours[greedy.to(ours.device)].to(output.sampled_token_ids.dtype)
                 return output
@@ -203,7 +205,7 @@ def tree_acceptance_patch() -> type[Patch]:
                 raise NotImplementedError(
                     "tree speculation verifies greedy requests without logprobs only")
             sampled = runtime.accept_and_compact(
-                step, tokens_by_row, list(metadata.num_draft_tokens), logits)
+                step, drafts_by_row(), list(metadata.num_draft_tokens), logits)
             runtime.end_step()
             return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
 
