@@ -1,7 +1,7 @@
 """The only module that reaches into vLLM internals.
 
 Every change to vLLM's behaviour is a declared patch: a ``Patch`` subclass
-naming its ``target`` class, whose public methods replace the target's. They
+naming its ``target`` class, whose (non-dunder) methods replace the target's. They
 are applied once per process from the ``vllm.general_plugins`` entry point
 (``plugin.register``), logged, and checked against the pinned vLLM version.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Any, ClassVar
 
 import numpy as np
-from typing import Any, ClassVar
 
 PINNED_VLLM_VERSION = "0.32.0"
 
@@ -87,7 +87,7 @@ def batch_request_ids_patch() -> type[Patch]:
         vLLM's custom-class ``propose`` receives rows only; rows are
         reordered as requests join and leave (``InputBatch.condense``), so
         a proposer keeping per-request state needs the row -> request map.
-        A drafter opts in by defining ``bind_batch(req_ids)``.
+        A drafter opts in by defining ``bind_batch(req_ids, greedy)``.
         """
 
         target = GPUModelRunner
