@@ -12,8 +12,6 @@ import inspect
 import logging
 from typing import Any, ClassVar
 
-import numpy as np
-
 PINNED_VLLM_VERSION = "0.32.0"
 
 logger = logging.getLogger(__name__)
@@ -102,27 +100,35 @@ def batch_request_ids_patch() -> type[Patch]:
             return original(self, scheduler_output, *args, **kwargs)
 
         def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-            """Turns the step into a tree step when the drafter described its
-            last drafts as trees (``drafter.tree_parents``)."""
+            """Hands the verification step to the tree runtime when the
+            drafter supports trees (declares ``tree_parents``) and every
+            request's target tokens are plain argmax / temperature, top-k,
+            top-p samples; other batches verify the same drafts as chains
+            with vLLM's own rejection sampler (exact too)."""
             from vllm_lookahead.tree import runtime
 
             original = GPUModelRunnerPatch.original("_prepare_inputs")
             result = original(self, scheduler_output, num_scheduled_tokens)
-            tree_parents = getattr(getattr(self, "drafter", None), "tree_parents", None)
+            runtime.end_step()
+            drafter = getattr(self, "drafter", None)
+            tree_parents = getattr(drafter, "tree_parents", None)
+            if tree_parents is None or not scheduler_output.scheduled_spec_decode_tokens:
+                return result
             num_reqs = self.input_batch.num_reqs
-            req_ids = self.input_batch.req_ids[:num_reqs]
-            # Tree acceptance is the raw argmax and returns no logprobs; any
-            # other batch verifies the same drafts as a plain chain, which is
-            # exact too (vLLM's own rejection sampler).
-            if (not tree_parents or self.input_batch.num_logprobs
-                    or any(r not in self.input_batch.greedy_reqs for r in req_ids)
-                    or not runtime.raw_argmax_is_greedy(self.input_batch.sampling_metadata)):
-                runtime.end_step()
+            req_ids = list(self.input_batch.req_ids[:num_reqs])
+            params = [self.requests[r].sampling_params for r in req_ids]
+            metadata = self.input_batch.sampling_metadata
+            if (self.input_batch.num_logprobs
+                    or not all(runtime.tree_eligible(p) for p in params)
+                    or not runtime.raw_argmax_is_greedy(metadata)
+                    or any(not _is_builtin(proc) for proc in metadata.logitsprocs.all)):
                 return result
             runtime.begin_step(
-                req_ids=list(req_ids),
+                req_ids=req_ids,
                 drafts=scheduler_output.scheduled_spec_decode_tokens,
                 tree_parents=tree_parents,
+                sampling_rows=runtime.batch_sampling(req_ids, params),
+                drafter=drafter,
                 num_computed=self.input_batch.num_computed_tokens_cpu[:num_reqs],
                 query_start=self.query_start_loc.np[: num_reqs + 1],
                 positions=self.positions,
@@ -132,6 +138,13 @@ def batch_request_ids_patch() -> type[Patch]:
             return result
 
     return GPUModelRunnerPatch
+
+
+def _is_builtin(logits_processor: Any) -> bool:
+    """vLLM's built-in logits processors (min-p, logit bias, min tokens) act
+    only through the SamplingParams fields ``runtime.tree_eligible`` checks;
+    any other processor makes a batch ineligible for tree verification."""
+    return type(logits_processor).__module__ == "vllm.v1.sample.logits_processor.builtin"
 
 
 def tree_attention_patch() -> type[Patch]:
@@ -151,7 +164,7 @@ def tree_attention_patch() -> type[Patch]:
             result = original(self, layer, query, key, value, kv_cache, attn_metadata,
                               output, *args, **kwargs)
             step = runtime.current()
-            if step is not None and attn_metadata is not None:
+            if step is not None and step.has_trees and attn_metadata is not None:
                 if (self.sliding_window not in (None, -1, (-1, -1)) or self.logits_soft_cap
                         or self.alibi_slopes is not None or self.sinks is not None):
                     raise NotImplementedError(
@@ -169,8 +182,8 @@ def tree_acceptance_patch() -> type[Patch]:
     from vllm.v1.sample.rejection_sampler import RejectionSampler
 
     class RejectionSamplerPatch(Patch):
-        """On a tree step, greedy tree acceptance plus KV compaction instead
-        of linear rejection sampling."""
+        """On a runtime step, tree acceptance plus KV compaction instead of
+        linear rejection sampling."""
 
         target = RejectionSampler
 
@@ -179,35 +192,27 @@ def tree_acceptance_patch() -> type[Patch]:
 
             from vllm_lookahead.tree import runtime
 
-            def drafts_by_row() -> list[list[int]]:
-                flat = metadata.draft_token_ids.tolist()
-                bounds = np.cumsum([0, *metadata.num_draft_tokens])
-                return [flat[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
-
             step = runtime.current()
-            if step is None:
-                original = RejectionSamplerPatch.original("forward")
-                output = original(self, metadata, draft_probs, logits, sampling_metadata)
-                if (sampling_metadata.all_greedy or sampling_metadata.all_random
-                        or not runtime.raw_argmax_is_greedy(sampling_metadata)):
-                    return output
-                # vLLM 0.32's CPU verification of a batch mixing greedy and
-                # sampled requests changes greedy requests' tokens (measured:
-                # outputs differ from plain vLLM); redo the greedy rows.
-                greedy = (sampling_metadata.temperature == GREEDY_TEMPERATURE).cpu()
-                ours = runtime.accept_and_compact(
-                    None, drafts_by_row(), list(metadata.num_draft_tokens), logits)
-                output.sampled_token_ids[greedy.to(output.sampled_token_ids.device)] = \
-                    ours[greedy.to(ours.device)].to(output.sampled_token_ids.dtype)
-                return output
-            if not sampling_metadata.all_greedy or sampling_metadata.max_num_logprobs:
+            if step is not None:
                 runtime.end_step()
-                raise NotImplementedError(
-                    "tree speculation verifies greedy requests without logprobs only")
-            sampled = runtime.accept_and_compact(
-                step, drafts_by_row(), list(metadata.num_draft_tokens), logits)
-            runtime.end_step()
-            return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+                sampled = runtime.accept_and_compact(
+                    step, metadata.draft_token_ids, list(metadata.num_draft_tokens), logits)
+                return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+            original = RejectionSamplerPatch.original("forward")
+            output = original(self, metadata, draft_probs, logits, sampling_metadata)
+            if (sampling_metadata.all_greedy or sampling_metadata.all_random
+                    or not runtime.raw_argmax_is_greedy(sampling_metadata)):
+                return output
+            # vLLM 0.32's CPU verification of a batch mixing greedy and
+            # sampled requests changes greedy requests' tokens (measured:
+            # outputs differ from plain vLLM); redo the greedy rows.
+            greedy = (sampling_metadata.temperature == GREEDY_TEMPERATURE).cpu()
+            ours = runtime.accept_and_compact(
+                runtime.chain_step(len(metadata.num_draft_tokens)),
+                metadata.draft_token_ids, list(metadata.num_draft_tokens), logits)
+            output.sampled_token_ids[greedy.to(output.sampled_token_ids.device)] = \
+                ours[greedy.to(ours.device)].to(output.sampled_token_ids.dtype)
+            return output
 
     return RejectionSamplerPatch
 

@@ -4,10 +4,13 @@ Knows each request's true greedy continuation (from a reference file made
 with plain vLLM) and proposes random trees in which that continuation is
 planted to a random depth among decoy branches that can never be accepted.
 The runtime must then accept exactly the planted depth every step, and the
-output must equal plain vLLM's. Configure with
-``additional_config={"oracle": {"reference": PATH, "seed": 0, "log": PATH}}``:
-``reference`` is a JSON list of token sequences (prompt followed by the
-greedy output); each step appends the planted depths to ``log``.
+output must equal plain vLLM's. Requests it knows nothing of (sampled ones,
+or all of them without a reference) get random trees of random tokens, which
+on a small vocabulary are often accepted: the sampling-distribution test's
+instrument. Configure with ``additional_config={"oracle": {"reference": PATH,
+"seed": 0, "log": PATH}}``: ``reference`` (optional) is a JSON list of token
+sequences (prompt followed by the greedy output); each step appends the
+planted depths to ``log``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ import numpy as np
 class OracleTreeProposer:
     def __init__(self, vllm_config: Any):
         config = (vllm_config.additional_config or {}).get("oracle")
-        if not isinstance(config, dict) or "reference" not in config:
-            raise ValueError('OracleTreeProposer needs additional_config["oracle"]'
-                             '["reference"]: a JSON file of greedy token sequences')
-        with open(config["reference"], encoding="utf-8") as f:
-            self.references = [list(map(int, seq)) for seq in json.load(f)]
+        if not isinstance(config, dict):
+            raise ValueError('OracleTreeProposer needs additional_config["oracle"]')
+        self.references: list[list[int]] = []
+        if "reference" in config:
+            with open(config["reference"], encoding="utf-8") as f:
+                self.references = [list(map(int, seq)) for seq in json.load(f)]
         self.k = vllm_config.speculative_config.num_speculative_tokens
         self.vocab = vllm_config.model_config.get_vocab_size()
+        self.max_model_len = vllm_config.model_config.max_model_len
         self.rng = np.random.default_rng(config.get("seed", 0))
         self.log_path = config.get("log")
         self.tree_parents: dict[str, list[int]] = {}
@@ -88,13 +93,20 @@ class OracleTreeProposer:
             cont = None
             if sampled and self._greedy[row]:
                 cont = self._continuation(token_ids_cpu[row, : num_tokens_no_spec[row]])
-            if not cont or len(cont) < 2:
+            room = self.max_model_len - int(num_tokens_no_spec[row])
+            if not sampled or room <= 0:
                 drafts.append([])
                 continue
-            tokens, parents, depth = self._tree(cont)
-            drafts.append(tokens)
-            self.tree_parents[req_id] = parents
-            planted.append(depth)
+            if cont is not None and len(cont) >= 2:
+                tokens, parents, depth = self._tree(cont)
+                planted.append(depth)
+            elif cont is None:
+                tokens, parents, _ = self._tree([self._decoy(None)])
+            else:
+                drafts.append([])
+                continue
+            drafts.append(tokens[:room])
+            self.tree_parents[req_id] = parents[:room]
         if self.log_path and planted:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(" ".join(map(str, planted)) + "\n")
