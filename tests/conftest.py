@@ -25,3 +25,25 @@ def spec_bench_prompts(smollm2) -> list[str]:
     for prompt in load_prompts(SPEC_BENCH):
         per_category.setdefault(prompt["category"], prompt)
     return chat_prompts(smollm2, list(per_category.values()))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A random 2-layer Llama with a 32-token vocabulary (no tokenizer: use
+    ``skip_tokenizer_init``), its output layer scaled so that next-token
+    distributions are far from uniform. For sampling-distribution tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.12)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return str(path)

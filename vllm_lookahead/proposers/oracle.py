@@ -83,6 +83,16 @@ class OracleTreeProposer:
             chain_depth.append(-1)
         return tokens, parents, depth
 
+    def _random_tree(self) -> tuple[list[int], list[int]]:
+        """k random tokens: the first half children of the root (distinct),
+        the rest under random earlier nodes."""
+        roots = self.rng.permutation(self.vocab)[: max(1, self.k // 2)].tolist()
+        rest = self.k - len(roots)
+        tokens = roots + self.rng.integers(0, self.vocab, rest).tolist()
+        parents = [-1] * len(roots) + [int(self.rng.integers(-1, len(roots) + i))
+                                       for i in range(rest)]
+        return tokens, parents
+
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None) -> list[list[int]]:
         self.tree_parents = {}
@@ -101,7 +111,7 @@ class OracleTreeProposer:
                 tokens, parents, depth = self._tree(cont)
                 planted.append(depth)
             elif cont is None:
-                tokens, parents, _ = self._tree([self._decoy(None)])
+                tokens, parents = self._random_tree()
             else:
                 drafts.append([])
                 continue
