@@ -62,11 +62,11 @@ class Method:
     additional_config: dict[str, Any] = field(default_factory=dict)
 
 
-def lookahead_method(k: int = 8, **pool: Any) -> Method:
+def lookahead_method(k: int = 8, mode: str = "tree", **lookahead: Any) -> Method:
     return Method(
-        "lookahead-linear",
+        f"lookahead-{mode}",
         {"method": "custom_class", "model": LOOKAHEAD_CLASS, "num_speculative_tokens": k},
-        {"lookahead": pool} if pool else {},
+        {"lookahead": {"mode": mode, **lookahead}},
     )
 
 

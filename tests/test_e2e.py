@@ -21,7 +21,7 @@ def plain_llm(smollm2):
 
 @pytest.fixture(scope="module")
 def lookahead_llm(smollm2):
-    llm = make_llm(smollm2, lookahead_method(k=6), max_num_seqs=8)
+    llm = make_llm(smollm2, lookahead_method(k=6, mode="linear"), max_num_seqs=8)
     yield llm
     del llm
 

@@ -21,7 +21,8 @@ def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
         model_config=SimpleNamespace(max_model_len=max_model_len,
                                      get_vocab_size=lambda: 100),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
-        additional_config={"lookahead": {"ngram": 3, "key_len": 1, **lookahead}},
+        additional_config={"lookahead": {"mode": "linear", "ngram": 3, "key_len": 1,
+                                         **lookahead}},
     )
     return LookaheadProposer(config)
 

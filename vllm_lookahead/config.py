@@ -20,11 +20,26 @@ class LookaheadConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LookaheadConfig:
-    """Parameters of the lookahead pool proposer.
+    """Parameters of the lookahead proposer.
 
+    mode:       "tree": lookahead decoding proper, one target forward per step
+                over a tree of the Jacobi lookahead branch (window x
+                (ngram - 1) levels) and up to ``guesses`` pool candidates,
+                verified by the tree runtime; "linear": one chain per request
+                from the pool, verified by vLLM's own rejection sampler.
+    window:     W, columns of the Jacobi lookahead branch (tree mode).
+    guesses:    G, pool candidates verified per step (tree mode).
+    pool_from_prompt: also fill the pool with the prompt's n-grams (tree
+                mode; linear mode always does).
+    max_tree_tokens: tree nodes per engine step over the whole batch (tree
+                mode); each request gets at most num_speculative_tokens, and
+                W and G shrink as more requests share the budget (0: no
+                batch limit).
     ngram:      n-gram length N stored in the pool (key + continuation).
     key_len:    tokens of context used as the pool key (the last k tokens);
-                2 measured best on Spec-Bench chat (benchmarks/sweep_linear.py).
+                default 1 in tree mode (the paper's), 2 in linear mode
+                (measured best there, benchmarks/sweep_linear.py), at most
+                ngram - 1.
     capacity:   continuations kept per key (most recent first; older evicted).
     buckets:    keys kept per request (power of two; least recently
                 inserted key evicted when its set is full).
@@ -38,8 +53,13 @@ class LookaheadConfig:
                 keeps the verified batch small where guesses fail.
     """
 
+    mode: str = "tree"
+    window: int = 5
+    guesses: int = 5
+    pool_from_prompt: bool = True
+    max_tree_tokens: int = 256
     ngram: int = 4
-    key_len: int = 2
+    key_len: int | None = None
     capacity: int = 4
     buckets: int = 2048
     ways: int = 4
@@ -47,16 +67,27 @@ class LookaheadConfig:
     adaptive: bool = True
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
+        def integer(name: str, minimum: int) -> None:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                kind = "a positive" if minimum else "a non-negative"
                 raise LookaheadConfigError(
-                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be a '
-                    f"positive integer, got {value!r}"
+                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be '
+                    f"{kind} integer, got {value!r}"
                 )
 
-        for name in ("ngram", "key_len", "capacity", "buckets", "ways"):
-            positive(name)
+        if self.mode not in ("tree", "linear"):
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["mode"] must be "tree" or '
+                f'"linear", got {self.mode!r}'
+            )
+        if self.key_len is None and isinstance(self.ngram, int):
+            default = 1 if self.mode == "tree" else 2
+            object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))
+        for name in ("window", "ngram", "key_len", "capacity", "buckets", "ways"):
+            integer(name, 1)
+        for name in ("guesses", "max_tree_tokens"):
+            integer(name, 0)
         if self.ngram < 2:
             raise LookaheadConfigError(
                 f'additional_config["{CONFIG_KEY}"]["ngram"] must be >= 2, '
@@ -77,7 +108,7 @@ class LookaheadConfig:
                 f'additional_config["{CONFIG_KEY}"]["ways"] must be a power of '
                 f"two, got {self.ways}"
             )
-        for name in ("shared_pool", "adaptive"):
+        for name in ("shared_pool", "adaptive", "pool_from_prompt"):
             if not isinstance(getattr(self, name), bool):
                 raise LookaheadConfigError(
                     f'additional_config["{CONFIG_KEY}"]["{name}"] must be a '

@@ -312,7 +312,7 @@ class NgramPool:
         slots = self.slots_of(requests)
         if self.device.type != "cpu" and len(set(slots.tolist())) != len(slots):
             raise ValueError("each request may appear once per insert on CUDA")
-        tokens = torch.as_tensor(tokens, device=self.device)
+        tokens = torch.as_tensor(tokens, device=self.device).contiguous()
         if tokens.dtype != torch.int32:
             raise ValueError(f"tokens must be int32, got {tokens.dtype}")
         as_i32 = lambda x: torch.as_tensor(np.asarray(x, np.int32), device=self.device)

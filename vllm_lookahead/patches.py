@@ -93,9 +93,15 @@ def batch_request_ids_patch() -> type[Patch]:
         def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
             bind_batch = getattr(self.drafter, "bind_batch", None)
             if bind_batch is not None:
-                req_ids = list(self.input_batch.req_ids)
-                greedy = self.input_batch.greedy_reqs
-                bind_batch(req_ids, [r in greedy for r in req_ids])
+                batch = self.input_batch
+                req_ids = list(batch.req_ids)
+                params = [self.requests[r].sampling_params for r in req_ids]
+                bind_batch(
+                    req_ids, [r in batch.greedy_reqs for r in req_ids],
+                    trees_verified=_trees_verifiable(batch, params),
+                    prompt_lens=batch.num_prompt_tokens[: len(req_ids)].tolist(),
+                    extra_args=[p.extra_args for p in params],
+                )
             original = GPUModelRunnerPatch.original("propose_draft_token_ids")
             return original(self, scheduler_output, *args, **kwargs)
 
@@ -117,11 +123,7 @@ def batch_request_ids_patch() -> type[Patch]:
             num_reqs = self.input_batch.num_reqs
             req_ids = list(self.input_batch.req_ids[:num_reqs])
             params = [self.requests[r].sampling_params for r in req_ids]
-            metadata = self.input_batch.sampling_metadata
-            if (self.input_batch.num_logprobs
-                    or not all(runtime.tree_eligible(p) for p in params)
-                    or not runtime.raw_argmax_is_greedy(metadata)
-                    or any(not _is_builtin(proc) for proc in metadata.logitsprocs.all)):
+            if not _trees_verifiable(self.input_batch, params):
                 return result
             runtime.begin_step(
                 req_ids=req_ids,
@@ -140,11 +142,21 @@ def batch_request_ids_patch() -> type[Patch]:
     return GPUModelRunnerPatch
 
 
-def _is_builtin(logits_processor: Any) -> bool:
-    """vLLM's built-in logits processors (min-p, logit bias, min tokens) act
-    only through the SamplingParams fields ``runtime.tree_eligible`` checks;
-    any other processor makes a batch ineligible for tree verification."""
-    return type(logits_processor).__module__ == "vllm.v1.sample.logits_processor.builtin"
+def _trees_verifiable(input_batch: Any, params: list[Any]) -> bool:
+    """Whether the tree runtime can verify this batch: every request's target
+    tokens are plain argmax / temperature, top-k, top-p samples, and no
+    logits processor beyond vLLM's built-in ones (min-p, logit bias, min
+    tokens, which act only through the SamplingParams fields
+    ``runtime.tree_eligible`` checks) is loaded."""
+    from vllm_lookahead.tree import runtime
+
+    metadata = input_batch.sampling_metadata
+    builtin = "vllm.v1.sample.logits_processor.builtin"
+    return bool(not input_batch.num_logprobs
+                and all(runtime.tree_eligible(p) for p in params)
+                and runtime.raw_argmax_is_greedy(metadata)
+                and all(type(proc).__module__ == builtin
+                        for proc in metadata.logitsprocs.all))
 
 
 def tree_attention_patch() -> type[Patch]:

@@ -1,10 +1,19 @@
-"""Lookahead pool proposer, linear mode.
+"""Lookahead decoding proposer (arXiv 2402.02057) for vLLM.
 
-Each request keeps an n-gram pool fed with every n-gram of its prompt and
-output. Per step the proposer looks up the request's last ``key_len`` tokens
-and proposes the most recent continuation, extended greedily through the
-pool up to ``num_speculative_tokens``. vLLM's rejection sampler verifies the
-chain, so the output is exactly that of plain decoding.
+Each request keeps an n-gram pool fed with the n-grams of its prompt and
+output. Two modes:
+
+- tree (default): per request a Jacobi lookahead branch (a 2D window of W
+  columns x (N-1) levels) and up to G pool candidates for the last tokens,
+  laid out as one token tree (``jacobi.tree_layout``) and verified in one
+  target forward by the tree runtime. After the forward the target's argmax
+  at the window's last level becomes its new level, and each column gives
+  one new n-gram for the pool.
+- linear: the most recent pool continuation of the last ``key_len`` tokens,
+  extended greedily through the pool up to ``num_speculative_tokens``,
+  verified by vLLM's own rejection sampler.
+
+Either way the output is exactly that of plain decoding.
 """
 
 from __future__ import annotations
@@ -18,8 +27,13 @@ import torch
 from vllm_lookahead import patches
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.ops import NgramPool
+from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
 
 logger = logging.getLogger(__name__)
+
+# Per-request override: SamplingParams(extra_args={"lookahead": {...}}).
+OVERRIDE_KEYS = ("window", "guesses", "disable")
+STATS_EVERY_STEPS = 500
 
 
 class LookaheadProposer:
@@ -53,28 +67,69 @@ class LookaheadProposer:
         self._allowed: dict[str, int] = {}
         self._last_draft: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
+        self._batch_trees = False
+        self._prompt_lens: dict[str, int] = {}
+        self._overrides: dict[str, dict[str, Any]] = {}
+        # Tree mode: the runtime verifies trees whenever this is a dict.
+        self.tree_parents: dict[str, list[int]] | None = (
+            {} if self.config.mode == "tree" else None)
+        self._windows: dict[str, JacobiWindow] = {}
+        # Lookahead nodes (w, filled) of each request's last tree.
+        self._layouts: dict[str, tuple[int, int]] = {}
+        # trees, nodes, accepted tokens, pool lookups, pool hits
+        self._stats = np.zeros(5, dtype=np.int64)
+        self._tree_steps = 0
         logger.info(
-            "vllm_lookahead: LookaheadProposer (linear) %s, k=%d, pool %.1f MiB",
-            self.config, self.k, self.pool.nbytes() / 2**20,
+            "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB",
+            self.config.mode, self.config, self.k, self.pool.nbytes() / 2**20,
         )
 
     def load_model(self, *args, **kwargs) -> None:
         """No model to load: the pool is the whole draft."""
 
-    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None) -> None:
-        """Row -> request map of the coming ``propose`` call; pools of
-        requests that left the batch (finished, aborted, preempted or
-        unscheduled) are freed here and rebuilt from the token history if the
-        request comes back."""
+    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None,
+                   trees_verified: bool = False, prompt_lens: list[int] | None = None,
+                   extra_args: list[dict[str, Any] | None] | None = None) -> None:
+        """Row -> request map of the coming ``propose`` call, whether the
+        runtime can verify this batch's trees, prompt lengths and per-request
+        ``SamplingParams.extra_args``. Pools of requests that left the batch
+        (finished, aborted, preempted or unscheduled) are freed here and
+        rebuilt from the token history if the request comes back."""
         self._batch_req_ids = req_ids
+        self._batch_trees = trees_verified and self.config.mode == "tree"
+        if prompt_lens is not None:
+            self._prompt_lens = dict(zip(req_ids, prompt_lens))
+        if extra_args is not None:
+            self._overrides = {r: self._override(r, e) for r, e in zip(req_ids, extra_args)}
         present = set(req_ids)
         for req_id in [r for r in self._indexed if r not in present]:
             self._drop(req_id)
+
+    def _override(self, req_id: str, extra_args: dict[str, Any] | None) -> dict[str, Any]:
+        """The request's valid ``extra_args["lookahead"]`` settings. A bad
+        one is ignored with a warning: raising here would stop the engine
+        for every request."""
+        raw = (extra_args or {}).get("lookahead")
+        if raw is None:
+            return {}
+        valid = isinstance(raw, dict) and set(raw) <= set(OVERRIDE_KEYS) and all(
+            isinstance(raw[k], int) and not isinstance(raw[k], bool) and raw[k] >= 0
+            for k in ("window", "guesses") if k in raw
+        ) and isinstance(raw.get("disable", False), bool)
+        if not valid:
+            logger.warning(
+                "vllm_lookahead: request %s: ignoring extra_args['lookahead']=%r "
+                "(keys: %s; window, guesses: non-negative integers; disable: bool)",
+                req_id, raw, ", ".join(OVERRIDE_KEYS))
+            return {}
+        return raw
 
     def _drop(self, req_id: str) -> None:
         del self._indexed[req_id]
         self._allowed.pop(req_id, None)
         self._last_draft.pop(req_id, None)
+        self._windows.pop(req_id, None)
+        self._layouts.pop(req_id, None)
         self.pool.erase(req_id)
 
     def _draft_budget(self, req_ids, sampled_token_ids, rows) -> np.ndarray:
@@ -118,6 +173,18 @@ class LookaheadProposer:
         row_req_ids = [req_ids[i] for i in rows]
         lengths = num_tokens_no_spec[rows].astype(np.int64)
         self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
+        if self.tree_parents is not None:
+            self.tree_parents = {}
+            keep = [i for i, r in enumerate(row_req_ids)
+                    if not self._overrides.get(r, {}).get("disable", False)]
+            rows = [rows[i] for i in keep]
+            row_req_ids = [row_req_ids[i] for i in keep]
+            lengths = lengths[keep]
+            if self._batch_trees:
+                for row, tokens in zip(rows, self._propose_trees(
+                        row_req_ids, rows, lengths, token_ids_cpu)):
+                    drafts[row] = tokens
+                return drafts
 
         budget = np.minimum(
             self._draft_budget(row_req_ids, sampled_token_ids, rows),
@@ -140,6 +207,8 @@ class LookaheadProposer:
             if indexed is None:
                 self.pool.open(req_id)
                 indexed = 0
+                if not self.config.pool_from_prompt and self.config.mode == "tree":
+                    indexed = min(int(lengths[i]), self._prompt_lens.get(req_id, 0))
             starts[i] = max(0, indexed - overlap)
             self._indexed[req_id] = int(lengths[i])
         todo = np.nonzero(lengths - starts >= self.config.ngram)[0]
@@ -180,3 +249,78 @@ class LookaheadProposer:
             tail[i, key_len : key_len + min(chain_len[i], budget[i])].tolist()
             for i in range(n)
         ]
+
+    # ------------------------------------------------------------------
+    # Tree mode.
+
+    def _propose_trees(self, req_ids, rows, lengths, token_ids_cpu) -> list[list[int]]:
+        """One token tree per request (tokens returned, parents recorded in
+        ``tree_parents``), sized by the step budget."""
+        cfg = self.config
+        levels = cfg.ngram - 1
+        cont_len = self.pool.cont_len
+        per_request = self.k
+        if cfg.max_tree_tokens:
+            per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
+        key_len = cfg.key_len
+        keys = np.full((len(rows), key_len), -1, dtype=np.int32)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            take = min(key_len, int(n))
+            keys[i, key_len - take:] = token_ids_cpu[row, n - take:n]
+        max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in self._overrides.values()])
+        candidates, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), max_guesses)
+        candidates, counts = candidates.numpy(), counts.numpy()
+        self._stats[3] += len(rows)
+        self._stats[4] += int((counts > 0).sum())
+        trees = []
+        for i, (req_id, row, n) in enumerate(zip(req_ids, rows, lengths)):
+            override = self._overrides.get(req_id, {})
+            window = self._windows.get(req_id)
+            if window is None:
+                window = self._windows[req_id] = JacobiWindow.from_context(
+                    token_ids_cpu[row, :n], levels, cfg.window)
+            cap = min(per_request, self.max_model_len - int(n))
+            w, g = fit_tree(max(cap, 0), min(override.get("window", cfg.window), cfg.window),
+                            override.get("guesses", cfg.guesses), window.filled, cont_len)
+            tokens, parents = tree_layout(window, w, candidates[i, :min(g, counts[i])])
+            tokens, parents = tokens[:cap], parents[:cap]
+            if len(tokens):
+                self.tree_parents[req_id] = parents.tolist()
+                self._layouts[req_id] = (w, window.filled)
+            trees.append(tokens.tolist())
+        self._stats[0] += sum(1 for t in trees if t)
+        self._stats[1] += sum(len(t) for t in trees)
+        self._tree_steps += 1
+        return trees
+
+    def observe_verification(self, req_ids: list[str], argmax: np.ndarray,
+                             cu_rows: np.ndarray, accepted: np.ndarray) -> None:
+        """Called by the tree runtime after each verification: ``argmax``
+        holds the target's argmax of every logits row (request i's rows are
+        ``cu_rows[i]:cu_rows[i+1]``: its root, then its nodes in order)."""
+        self._stats[2] += int(accepted.sum())
+        grown, ngrams = [], []
+        for i, req_id in enumerate(req_ids):
+            layout = self._layouts.pop(req_id, None)
+            window = self._windows.get(req_id)
+            if layout is None or window is None:
+                continue
+            w, filled = layout
+            deepest = cu_rows[i] + 1 + (filled - 1) * w
+            # Trimmed by the scheduler, or the window moved on: no update.
+            if w == 0 or deepest + w > cu_rows[i + 1] or filled != window.filled:
+                continue
+            completed = window.advance(argmax[deepest:deepest + w].astype(np.int32))
+            if completed is not None:
+                grown += [req_id] * len(completed)
+                ngrams.append(completed)
+        if ngrams:
+            self.pool.insert_ngrams(grown, torch.from_numpy(np.concatenate(ngrams)))
+        if self._tree_steps % STATS_EVERY_STEPS == 0:
+            trees, nodes, accepted_total, lookups, hits = self._stats.tolist()
+            logger.info(
+                "vllm_lookahead: %d tree steps, %.1f nodes per tree, %.2f tokens "
+                "accepted per tree (tokens per target forward: %.2f), pool hit "
+                "rate %.0f%%", self._tree_steps, nodes / max(trees, 1),
+                accepted_total / max(trees, 1), 1 + accepted_total / max(trees, 1),
+                100 * hits / max(lookups, 1))

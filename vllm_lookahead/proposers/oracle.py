@@ -42,7 +42,8 @@ class OracleTreeProposer:
     def load_model(self, *args, **kwargs) -> None:
         """No model."""
 
-    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None) -> None:
+    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None,
+                   **batch_info) -> None:
         self._req_ids = req_ids
         self._greedy = greedy or [False] * len(req_ids)
 

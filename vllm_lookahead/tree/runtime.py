@@ -293,7 +293,7 @@ def accept_and_compact(step: TreeStep, draft_tokens: torch.Tensor, num_draft: li
     root_mask = torch.from_numpy(is_root)
 
     i32 = lambda x: torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
-    tokens = draft_tokens.to(torch.int32).cpu()
+    tokens = draft_tokens.to(torch.int32).cpu().contiguous()
     max_draft = int(num_draft_np.max(initial=0))
     path, accepted, bonus = ops.tree_accept_greedy(
         i32(parents), tokens, targets[root_mask], targets[~root_mask],

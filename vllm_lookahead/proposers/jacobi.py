@@ -1,0 +1,87 @@
+"""The lookahead branch: a 2D Jacobi window and the token tree of one step.
+
+Window: ``levels[l, j]`` for l < N-1 levels and j < W columns. In a step
+whose root (last accepted token) sits at position p, level 0 is a chain
+p+1..p+W from the root, and level l column j hangs under level l-1 column j
+(position p+1+j+l). So column j read downwards is a guess of N-1 consecutive
+tokens, and the target's argmax at its deepest node guesses the next one:
+together an n-gram for the pool. The argmaxes of the deepest level then
+become the newest level and the oldest level is dropped (the reference
+implementation's update), after a warm-up that fills the levels one by one.
+
+Verification candidates (pool continuations of the last ``key_len`` tokens)
+follow the lookahead nodes as a trie under the root, shared prefixes merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class JacobiWindow:
+    levels: np.ndarray  # int32 [N-1, W]
+    filled: int  # levels holding guesses (1 .. N-1)
+
+    @classmethod
+    def from_context(cls, context: np.ndarray, levels: int, window: int) -> JacobiWindow:
+        """Level 0 from context tokens (the reference's initialisation),
+        chosen by a generator seeded with the context length, so a request
+        replays identically."""
+        rng = np.random.default_rng(len(context))
+        grid = np.zeros((levels, window), dtype=np.int32)
+        grid[0] = rng.choice(context, size=window)
+        return cls(levels=grid, filled=1)
+
+    def advance(self, new_level: np.ndarray) -> np.ndarray | None:
+        """Take the target's argmax at the deepest level's first ``w``
+        columns; returns the [w, N] n-grams they complete (None while the
+        window is warming up)."""
+        w = len(new_level)
+        if self.filled < len(self.levels):
+            self.levels[self.filled, :w] = new_level
+            self.filled += 1
+            return None
+        ngrams = np.concatenate([self.levels[:, :w].T, new_level[:, None]], axis=1)
+        self.levels[:-1, :w] = self.levels[1:, :w]
+        self.levels[-1, :w] = new_level
+        return ngrams
+
+
+def fit_tree(cap: int, window: int, guesses: int, filled: int, cont_len: int) -> tuple[int, int]:
+    """Columns and candidates (w <= window, g <= guesses) whose tree has at
+    most ``cap`` nodes: both scaled down in proportion, then topped up,
+    candidates first."""
+    full = window * filled + guesses * cont_len
+    if full <= cap:
+        return window, guesses
+    w, g = window * cap // full, guesses * cap // full
+    while g < guesses and w * filled + (g + 1) * cont_len <= cap:
+        g += 1
+    while w < window and (w + 1) * filled + g * cont_len <= cap:
+        w += 1
+    return w, g
+
+
+def tree_layout(window: JacobiWindow, w: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and parents (request-local, -1: the root) of one step's tree:
+    the first ``w`` columns of the filled levels, level by level, then the
+    trie of ``candidates`` [g, cont_len]."""
+    filled = window.filled
+    la_tokens = window.levels[:filled, :w].reshape(-1)
+    la_parents = np.arange(filled * w, dtype=np.int32) - w
+    la_parents[:w] = np.arange(-1, w - 1)
+    tokens, parents = la_tokens.tolist(), la_parents.tolist()
+    children: dict[tuple[int, int], int] = {}
+    for candidate in candidates.tolist():
+        parent = -1
+        for token in candidate:
+            node = children.get((parent, token))
+            if node is None:
+                node = children[(parent, token)] = len(tokens)
+                tokens.append(token)
+                parents.append(parent)
+            parent = node
+    return np.asarray(tokens, dtype=np.int32), np.asarray(parents, dtype=np.int32)
