@@ -72,6 +72,8 @@ class TreeStep:
     node_rows: torch.Tensor  # int64 [N]: token index of each node in the step
     node_slots: np.ndarray  # int64 [N]: KV slot written for each node
     kv_caches: list[torch.Tensor]
+    prefix_lens: torch.Tensor | None = None  # int32 [T], set by the first layer
+    tree_block_table: torch.Tensor | None = None  # [T, max_blocks]
 
     @property
     def has_trees(self) -> bool:
@@ -216,23 +218,25 @@ def attend(step: TreeStep, query: torch.Tensor, key: torch.Tensor, value: torch.
         return
     key_cache, value_cache = ops.cpu_backend_cache_views(kv_cache)
     rows = step.node_rows
-    # The CPU backend's block layout depends on its kernel (ISA, dtype): make
-    # sure the cache holds this step's keys where the views say, rather than
-    # attend over a misread cache.
-    block_size = key_cache.shape[1]
-    slots = torch.from_numpy(step.node_slots)
-    if not torch.equal(key_cache[slots // block_size, slots % block_size], key[rows]):
-        raise NotImplementedError(
-            "tree speculation: the KV cache layout of this CPU attention kernel "
-            f"({kv_cache.dtype}) is not supported; use float32")
-    prefix_lens = torch.from_numpy(step.root_positions[step.batch_rows] + 1).to(torch.int32)
+    if step.prefix_lens is None:
+        # The CPU backend's block layout depends on its kernel (ISA, dtype):
+        # make sure the cache holds this step's keys where the views say,
+        # rather than attend over a misread cache (once per step: every
+        # layer has the same layout).
+        block_size = key_cache.shape[1]
+        slots = torch.from_numpy(step.node_slots)
+        if not torch.equal(key_cache[slots // block_size, slots % block_size], key[rows]):
+            raise NotImplementedError(
+                "tree speculation: the KV cache layout of this CPU attention kernel "
+                f"({kv_cache.dtype}) is not supported; use float32")
+        step.prefix_lens = torch.from_numpy(
+            step.root_positions[step.batch_rows] + 1).to(torch.int32)
+        step.tree_block_table = block_table[torch.from_numpy(step.batch_rows)].contiguous()
     result = ops.tree_attention(
-        query[rows].contiguous(), key[rows].contiguous(), value[rows].contiguous(),
-        key_cache, value_cache,
-        block_table[torch.from_numpy(step.batch_rows)].contiguous(),
-        prefix_lens, step.cu_nodes, step.masks, scale,
+        query[rows], key[rows], value[rows], key_cache, value_cache,
+        step.tree_block_table, step.prefix_lens, step.cu_nodes, step.masks, scale,
     )
-    output.view(output.shape[0], -1)[rows] = result.reshape(len(rows), -1).to(output.dtype)
+    output.view(output.shape[0], -1)[rows] = result.view(len(rows), -1).to(output.dtype)
 
 
 def _target_tokens(step: TreeStep, logits: torch.Tensor, row_batch: np.ndarray,
