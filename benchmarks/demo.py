@@ -42,7 +42,8 @@ def main() -> None:
     print(f"model: {model}\nprompts: {len(prompts)} from {args.prompts}, "
           f"batch {args.batch_size}, max_tokens {args.max_tokens}", flush=True)
 
-    methods = [Method("plain-vllm"), lookahead_method(args.k)]
+    methods = [Method("plain-vllm"), lookahead_method(args.k),
+               lookahead_method(args.k, mode="linear")]
     if args.compare_ngram:
         methods.append(ngram_method(args.k))
     results = []

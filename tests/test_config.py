@@ -20,8 +20,19 @@ def test_defaults_are_valid():
         ({"shared_pool": "yes"}, '"shared_pool"'),
         ({"adaptive": 1}, '"adaptive"'),
         ([1, 2], "JSON object"),
+        ({"mode": "fast"}, '"mode"'),
+        ({"window": 0}, '"window"'),
+        ({"guesses": -1}, '"guesses"'),
+        ({"max_tree_tokens": "64"}, '"max_tree_tokens"'),
+        ({"pool_from_prompt": 0}, '"pool_from_prompt"'),
     ],
 )
 def test_bad_values_name_the_key(raw, names):
     with pytest.raises(LookaheadConfigError, match=names):
         LookaheadConfig.from_dict(raw)
+
+
+def test_key_len_defaults_by_mode():
+    assert LookaheadConfig.from_dict({"mode": "tree"}).key_len == 1
+    assert LookaheadConfig.from_dict({"mode": "linear"}).key_len == 2
+    assert LookaheadConfig.from_dict({"mode": "linear", "ngram": 2}).key_len == 1
