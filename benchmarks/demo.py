@@ -28,7 +28,10 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=8, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, default=8,
+                        help="num_speculative_tokens of linear mode and vLLM ngram")
+    parser.add_argument("--tree-k", type=int, default=16,
+                        help="num_speculative_tokens of tree mode (nodes per tree)")
     parser.add_argument("--compare-ngram", action="store_true",
                         help="also run vLLM's built-in ngram method")
     parser.add_argument("--json", help="also write the results to this file")
@@ -42,7 +45,7 @@ def main() -> None:
     print(f"model: {model}\nprompts: {len(prompts)} from {args.prompts}, "
           f"batch {args.batch_size}, max_tokens {args.max_tokens}", flush=True)
 
-    methods = [Method("plain-vllm"), lookahead_method(args.k),
+    methods = [Method("plain-vllm"), lookahead_method(args.tree_k),
                lookahead_method(args.k, mode="linear")]
     if args.compare_ngram:
         methods.append(ngram_method(args.k))

@@ -36,3 +36,25 @@ def test_key_len_defaults_by_mode():
     assert LookaheadConfig.from_dict({"mode": "tree"}).key_len == 1
     assert LookaheadConfig.from_dict({"mode": "linear"}).key_len == 2
     assert LookaheadConfig.from_dict({"mode": "linear", "ngram": 2}).key_len == 1
+
+
+@pytest.mark.parametrize("dtype, mode, error", [("bfloat16", "tree", "float32"),
+                                                ("bfloat16", "linear", None),
+                                                ("float32", "tree", None)])
+def test_tree_mode_needs_float32_on_cpu(smollm2, dtype, mode, error):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_lookahead import patches
+
+    patches.apply_all()
+    args = EngineArgs(
+        model=smollm2, dtype=dtype,
+        speculative_config={"method": "custom_class",
+                            "model": "vllm_lookahead.LookaheadProposer",
+                            "num_speculative_tokens": 8},
+        additional_config={"lookahead": {"mode": mode}})
+    if error is None:
+        args.create_engine_config()
+    else:
+        with pytest.raises(NotImplementedError, match=error):
+            args.create_engine_config()

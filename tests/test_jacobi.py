@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from vllm_lookahead import LookaheadProposer, patches
 from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
@@ -53,7 +54,9 @@ def proposer():
     patches.apply_all()
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=16),
-        model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 100),
+        model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 100,
+                                     dtype=torch.float32, get_sliding_window=lambda: None),
+        device_config=SimpleNamespace(device_type="cpu"),
         scheduler_config=SimpleNamespace(max_num_seqs=4),
         additional_config={"lookahead": {"ngram": 3, "window": 3, "guesses": 2}},
     )

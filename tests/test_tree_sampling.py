@@ -97,8 +97,37 @@ def _sample_tokens(llm, params, n=NUM_SAMPLES):
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+PARAMS = dict(temperature=0.9, top_k=24, top_p=0.95, ignore_eos=True)
+ENGINE = dict(max_model_len=64, max_num_seqs=256, kv_cache_gib=0.25,
+              skip_tokenizer_init=True)
+
+
+def accepted_tokens(llm) -> int:
+    return int(sum(m.value for m in llm.get_metrics()
+                   if m.name == "vllm:spec_decode_num_accepted_tokens"))
+
+
+def p_values(reference, samples, positions=(1, 2, 3)):
+    return [chi_square_p_value(np.bincount(reference[:, i], minlength=32),
+                               np.bincount(samples[:, i], minlength=32))
+            for i in positions]
+
+
+@pytest.fixture(scope="module")
+def plain_samples(tiny_llama):
+    """Plain vLLM's samples: NUM_SAMPLES x 4 tokens."""
+    from vllm import SamplingParams
+
+    from benchmarks.common import Method, make_llm
+
+    plain = make_llm(tiny_llama, Method("plain"), **ENGINE)
+    samples = np.array(_sample_tokens(plain, SamplingParams(max_tokens=4, **PARAMS)))
+    del plain
+    return samples
+
+
 @pytest.mark.slow
-def test_tree_sampling_matches_plain_sampling(tiny_llama, monkeypatch):
+def test_tree_sampling_matches_plain_sampling(tiny_llama, plain_samples, monkeypatch):
     from vllm import SamplingParams
 
     from benchmarks.common import Method, make_llm
@@ -106,30 +135,18 @@ def test_tree_sampling_matches_plain_sampling(tiny_llama, monkeypatch):
 
     # One process, so that the wrong acceptor below can be swapped in.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    params = SamplingParams(temperature=0.9, top_k=24, top_p=0.95, max_tokens=4,
-                            ignore_eos=True)
-    common = dict(max_model_len=64, max_num_seqs=256, kv_cache_gib=0.25,
-                  skip_tokenizer_init=True)
-    plain = make_llm(tiny_llama, Method("plain"), **common)
-    reference = np.array(_sample_tokens(plain, params))
-    del plain
-
+    params = SamplingParams(max_tokens=4, **PARAMS)
     trees = Method("random-trees",
                    {"method": "custom_class",
                     "model": "vllm_lookahead.proposers.oracle.OracleTreeProposer",
                     "num_speculative_tokens": 16},
                    {"oracle": {"seed": 0}})
-    llm = make_llm(tiny_llama, trees, **common)
-    before = llm.get_metrics()
+    llm = make_llm(tiny_llama, trees, **ENGINE)
     ours = np.array(_sample_tokens(llm, params))
-    accepted = sum(m.value for m in llm.get_metrics()
-                   if m.name == "vllm:spec_decode_num_accepted_tokens")
-    accepted -= sum(m.value for m in before
-                    if m.name == "vllm:spec_decode_num_accepted_tokens")
+    accepted = accepted_tokens(llm)
 
     # A seed fixes the output, whatever else shares the batch.
-    seeded = SamplingParams(temperature=0.9, top_k=24, top_p=0.95, max_tokens=24,
-                            ignore_eos=True, seed=1234)
+    seeded = SamplingParams(max_tokens=24, seed=1234, **PARAMS)
     alone = _sample_tokens(llm, seeded, n=1)[0]
     crowded = _sample_tokens(llm, [seeded] + [params] * 15, n=16)[0]
 
@@ -149,14 +166,30 @@ def test_tree_sampling_matches_plain_sampling(tiny_llama, monkeypatch):
     wrong = np.array(_sample_tokens(llm, params))
     del llm
 
-    print(f"accepted {accepted} tree tokens; p-values:",
-          [chi_square_p_value(np.bincount(reference[:, i], minlength=32),
-                              np.bincount(x[:, i], minlength=32))
-           for x in (ours, wrong) for i in (1, 2, 3)])
+    print(f"random trees: accepted {accepted} tokens; p-values",
+          p_values(plain_samples, ours), "wrong acceptor", p_values(plain_samples, wrong))
     assert accepted > NUM_SAMPLES / 2  # the trees were really verified
     assert alone == crowded
-    for position in (1, 2, 3):
-        ref = np.bincount(reference[:, position], minlength=32)
-        assert chi_square_p_value(ref, np.bincount(ours[:, position], minlength=32)) > 0.01
-    assert chi_square_p_value(np.bincount(reference[:, 1], minlength=32),
-                              np.bincount(wrong[:, 1], minlength=32)) < 0.01
+    assert min(p_values(plain_samples, ours)) > 0.01
+    assert p_values(plain_samples, wrong, positions=(1,))[0] < 0.01
+
+
+@pytest.mark.slow
+def test_lookahead_sampling_matches_plain_sampling(tiny_llama, plain_samples):
+    from vllm import SamplingParams
+
+    from benchmarks.common import lookahead_method, make_llm
+
+    llm = make_llm(tiny_llama, lookahead_method(k=16, window=3, guesses=3, ngram=3),
+                   **ENGINE)
+    ours = np.array(_sample_tokens(llm, SamplingParams(max_tokens=4, **PARAMS)))
+    accepted = accepted_tokens(llm)
+    seeded = SamplingParams(max_tokens=32, seed=99, **PARAMS)
+    first = _sample_tokens(llm, seeded, n=1)[0]
+    again = _sample_tokens(llm, [seeded] + [SamplingParams(max_tokens=8, **PARAMS)] * 7,
+                           n=8)[0]
+    del llm
+    print(f"lookahead: accepted {accepted} tokens; p-values", p_values(plain_samples, ours))
+    assert accepted > 0
+    assert first == again
+    assert min(p_values(plain_samples, ours)) > 0.01

@@ -35,7 +35,8 @@ class LookaheadConfig:
                 mode); each request gets at most num_speculative_tokens, and
                 W and G shrink as more requests share the budget (0: no
                 batch limit).
-    ngram:      n-gram length N stored in the pool (key + continuation).
+    ngram:      n-gram length N stored in the pool (key + continuation); the
+                window has N - 1 levels. Default 3 in tree mode, 4 in linear.
     key_len:    tokens of context used as the pool key (the last k tokens);
                 default 1 in tree mode (the paper's), 2 in linear mode
                 (measured best there, benchmarks/sweep_linear.py), at most
@@ -54,11 +55,11 @@ class LookaheadConfig:
     """
 
     mode: str = "tree"
-    window: int = 5
-    guesses: int = 5
+    window: int = 3
+    guesses: int = 3
     pool_from_prompt: bool = True
-    max_tree_tokens: int = 256
-    ngram: int = 4
+    max_tree_tokens: int = 64
+    ngram: int | None = None
     key_len: int | None = None
     capacity: int = 4
     buckets: int = 2048
@@ -81,6 +82,8 @@ class LookaheadConfig:
                 f'additional_config["{CONFIG_KEY}"]["mode"] must be "tree" or '
                 f'"linear", got {self.mode!r}'
             )
+        if self.ngram is None:
+            object.__setattr__(self, "ngram", 3 if self.mode == "tree" else 4)
         if self.key_len is None and isinstance(self.ngram, int):
             default = 1 if self.mode == "tree" else 2
             object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))

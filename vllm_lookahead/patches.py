@@ -258,10 +258,11 @@ def startup_validation_patch() -> type[Patch]:
     from vllm.engine.arg_utils import EngineArgs
 
     class EngineArgsPatch(Patch):
-        """Validates this package's ``additional_config`` in the process that
-        builds the engine config, so a bad value fails before any engine
-        process starts, with the offending key named (instead of a worker
-        traceback behind "Engine core initialization failed")."""
+        """Validates this package's ``additional_config`` (and, in tree mode,
+        that the tree runtime supports the device, dtype and model) in the
+        process that builds the engine config, so a bad setting fails before
+        any engine process starts, with the offending key named (instead of a
+        worker traceback behind "Engine core initialization failed")."""
 
         target = EngineArgs
 
@@ -275,8 +276,11 @@ def startup_validation_patch() -> type[Patch]:
                 and str(spec.model).startswith("vllm_lookahead.")
             ):
                 from vllm_lookahead.config import LookaheadConfig
+                from vllm_lookahead.tree import runtime
 
-                LookaheadConfig.from_vllm_config(vllm_config)
+                config = LookaheadConfig.from_vllm_config(vllm_config)
+                if config.mode == "tree":
+                    runtime.check_supported(vllm_config)
             return vllm_config
 
     return EngineArgsPatch

@@ -28,6 +28,7 @@ from vllm_lookahead import patches
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.ops import NgramPool
 from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
+from vllm_lookahead.tree import runtime
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class LookaheadProposer:
             )
         spec_config = vllm_config.speculative_config
         self.config = LookaheadConfig.from_vllm_config(vllm_config)
+        if self.config.mode == "tree":
+            runtime.check_supported(vllm_config)
         self.k = spec_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.pool = NgramPool(

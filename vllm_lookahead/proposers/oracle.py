@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from vllm_lookahead.tree import runtime
+
 
 class OracleTreeProposer:
     def __init__(self, vllm_config: Any):
+        runtime.check_supported(vllm_config)
         config = (vllm_config.additional_config or {}).get("oracle")
         if not isinstance(config, dict):
             raise ValueError('OracleTreeProposer needs additional_config["oracle"]')

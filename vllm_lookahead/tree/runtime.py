@@ -85,6 +85,26 @@ _current: TreeStep | None = None
 _seeds: dict[str, int] = {}
 
 
+def check_supported(vllm_config: Any) -> None:
+    """Fail at engine start, with what to change, where the runtime cannot
+    verify trees (instead of failing a running step)."""
+    model = vllm_config.model_config
+    device = vllm_config.device_config.device_type
+    if device != "cpu":
+        raise NotImplementedError(
+            f"tree speculation runs on vLLM's CPU backend only so far (this engine: "
+            f"{device}); use additional_config lookahead mode \"linear\"")
+    if model.dtype != torch.float32:
+        raise NotImplementedError(
+            f"tree speculation on the CPU backend needs dtype float32 (got "
+            f"{model.dtype}): vLLM's bf16/fp16 CPU kernels use a KV cache layout the "
+            "runtime does not read; pass dtype='float32' or use lookahead mode \"linear\"")
+    if model.get_sliding_window() is not None:
+        raise NotImplementedError(
+            "tree speculation does not support sliding-window attention models; "
+            "use lookahead mode \"linear\"")
+
+
 def current() -> TreeStep | None:
     return _current
 
