@@ -123,3 +123,10 @@ def test_budget_shrinks_trees_as_the_batch_grows(proposer):
     drafts = propose(proposer, rows)
     assert sum(len(d) for d in drafts) <= 12
     assert all(len(d) == 3 for d in drafts)
+
+
+def test_no_tree_past_max_model_len(proposer):
+    history = ([1, 2, 3, 4, 1, 2, 5] * 9)[:61]
+    drafts = propose(proposer, {"a": history})
+    assert len(drafts[0]) == 64 - 61
+    assert len(proposer.tree_parents["a"]) == 3

@@ -13,6 +13,13 @@ OVERRIDES = [None, {"window": 1, "guesses": 3}, {"guesses": 0}, {"disable": True
              {"window": 2, "guesses": 1}]
 
 
+def _penalised():
+    from vllm import SamplingParams
+
+    return [SamplingParams(temperature=0.0, max_tokens=24,
+                           repetition_penalty=1.3 if i == 0 else 1.0) for i in range(4)]
+
+
 def counter(llm, name: str) -> int:
     return int(sum(m.value for m in llm.get_metrics() if m.name == name))
 
@@ -37,15 +44,16 @@ def workload(smollm2, spec_bench_prompts):
 
     plain = make_llm(smollm2, Method("plain"), max_num_seqs=4)
     reference = token_ids(plain.generate(prompts, params(), use_tqdm=False))
+    penalised = token_ids(plain.generate(prompts[:4], _penalised(), use_tqdm=False))
     del plain
     overrides = [{"lookahead": o} if o else None
                  for o in (OVERRIDES * 2)[:len(prompts)]]
-    return prompts, params, overrides, reference
+    return prompts, params, overrides, reference, penalised
 
 
 @pytest.mark.parametrize("ngram, window, guesses", [(4, 5, 5), (2, 3, 3)])
 def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses):
-    prompts, params, overrides, reference = workload
+    prompts, params, overrides, reference, penalised = workload
     method = lookahead_method(k=32, ngram=ngram, window=window, guesses=guesses)
     # max_num_seqs < prompts: requests join and leave (continuous batching).
     llm = make_llm(smollm2, method, max_num_seqs=4)
@@ -53,7 +61,11 @@ def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses):
     accepted = counter(llm, "vllm:spec_decode_num_accepted_tokens")
     # The same prompts without overrides: the default (W, G) for every request.
     uniform = token_ids(llm.generate(prompts, params(), use_tqdm=False))
+    # A penalised request makes the batch one the runtime cannot verify: the
+    # drafts go to vLLM's own verification as chains, still exact.
+    fallback = token_ids(llm.generate(prompts[:4], _penalised(), use_tqdm=False))
     del llm
+    assert fallback == penalised
     assert outputs == reference
     assert uniform == reference
     assert accepted > 0

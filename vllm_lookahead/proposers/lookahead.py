@@ -82,6 +82,7 @@ class LookaheadProposer:
         # trees, nodes, accepted tokens, pool lookups, pool hits
         self._stats = np.zeros(5, dtype=np.int64)
         self._tree_steps = 0
+        self._stats_logged_at = 0
         logger.info(
             "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB",
             self.config.mode, self.config, self.k, self.pool.nbytes() / 2**20,
@@ -319,7 +320,8 @@ class LookaheadProposer:
                 ngrams.append(completed)
         if ngrams:
             self.pool.insert_ngrams(grown, torch.from_numpy(np.concatenate(ngrams)))
-        if self._tree_steps % STATS_EVERY_STEPS == 0:
+        if self._tree_steps >= self._stats_logged_at + STATS_EVERY_STEPS:
+            self._stats_logged_at = self._tree_steps
             trees, nodes, accepted_total, lookups, hits = self._stats.tolist()
             logger.info(
                 "vllm_lookahead: %d tree steps, %.1f nodes per tree, %.2f tokens "
