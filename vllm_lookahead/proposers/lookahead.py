@@ -104,7 +104,9 @@ class LookaheadProposer:
         if prompt_lens is not None:
             self._prompt_lens = dict(zip(req_ids, prompt_lens))
         if extra_args is not None:
-            self._overrides = {r: self._override(r, e) for r, e in zip(req_ids, extra_args)}
+            # Parsed once per request, so a bad override warns once.
+            self._overrides = {r: self._overrides[r] if r in self._overrides
+                               else self._override(r, e) for r, e in zip(req_ids, extra_args)}
         present = set(req_ids)
         for req_id in [r for r in self._indexed if r not in present]:
             self._drop(req_id)
@@ -177,18 +179,20 @@ class LookaheadProposer:
         row_req_ids = [req_ids[i] for i in rows]
         lengths = num_tokens_no_spec[rows].astype(np.int64)
         self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
+        keep = [i for i, r in enumerate(row_req_ids)
+                if not self._overrides.get(r, {}).get("disable", False)]
+        rows = [rows[i] for i in keep]
+        row_req_ids = [row_req_ids[i] for i in keep]
+        lengths = lengths[keep]
         if self.tree_parents is not None:
             self.tree_parents = {}
-            keep = [i for i, r in enumerate(row_req_ids)
-                    if not self._overrides.get(r, {}).get("disable", False)]
-            rows = [rows[i] for i in keep]
-            row_req_ids = [row_req_ids[i] for i in keep]
-            lengths = lengths[keep]
-            if self._batch_trees:
-                for row, tokens in zip(rows, self._propose_trees(
-                        row_req_ids, rows, lengths, token_ids_cpu)):
-                    drafts[row] = tokens
-                return drafts
+        if not rows:
+            return drafts
+        if self._batch_trees:
+            for row, tokens in zip(rows, self._propose_trees(
+                    row_req_ids, rows, lengths, token_ids_cpu)):
+                drafts[row] = tokens
+            return drafts
 
         budget = np.minimum(
             self._draft_budget(row_req_ids, sampled_token_ids, rows),
