@@ -8,7 +8,6 @@ wrong acceptor fails the same test, and a seed fixes the output whatever the
 batch around it.
 """
 
-
 import numpy as np
 import pytest
 import torch
