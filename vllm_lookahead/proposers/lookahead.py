@@ -229,15 +229,23 @@ class LookaheadProposer:
                 lengths[todo],
             )
 
+    def _pool_keys(self, rows, lengths, token_ids_cpu) -> np.ndarray:
+        """int32 [len(rows), key_len]: each row's last ``key_len`` tokens,
+        left-padded with -1 where the row is shorter."""
+        key_len = self.config.key_len
+        keys = np.full((len(rows), key_len), -1, dtype=np.int32)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            take = min(key_len, int(n))
+            keys[i, key_len - take:] = token_ids_cpu[row, n - take:n]
+        return keys
+
     def _extend_chains(self, req_ids, rows, lengths, token_ids_cpu, budget):
         key_len = self.config.key_len
         n = len(rows)
         # Context tail (the key) followed by the chain grown so far.
         width = key_len + int(budget.max(initial=0)) + self.pool.cont_len
         tail = np.full((n, width), -1, dtype=np.int32)
-        for i, row in enumerate(rows):
-            take = min(key_len, int(lengths[i]))
-            tail[i, key_len - take : key_len] = token_ids_cpu[row, lengths[i] - take : lengths[i]]
+        tail[:, :key_len] = self._pool_keys(rows, lengths, token_ids_cpu)
         chain_len = np.zeros(n, dtype=np.int64)
         active = np.nonzero((budget > 0) & (lengths >= key_len))[0]
         while len(active):
@@ -270,11 +278,7 @@ class LookaheadProposer:
         per_request = self.k
         if cfg.max_tree_tokens:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
-        key_len = cfg.key_len
-        keys = np.full((len(rows), key_len), -1, dtype=np.int32)
-        for i, (row, n) in enumerate(zip(rows, lengths)):
-            take = min(key_len, int(n))
-            keys[i, key_len - take:] = token_ids_cpu[row, n - take:n]
+        keys = self._pool_keys(rows, lengths, token_ids_cpu)
         max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in self._overrides.values()])
         candidates, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), max_guesses)
         candidates, counts = candidates.numpy(), counts.numpy()
