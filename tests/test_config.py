@@ -19,6 +19,7 @@ def test_defaults_are_valid():
         ({"key_len": 4, "ngram": 4}, '"key_len"'),
         ({"shared_pool": "yes"}, '"shared_pool"'),
         ({"adaptive": 1}, '"adaptive"'),
+        ({"budget": "fast"}, '"budget"'),
         ([1, 2], "JSON object"),
         ({"mode": "fast"}, '"mode"'),
         ({"window": 0}, '"window"'),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vllm_lookahead import LookaheadProposer, patches
-from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
+from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
+from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
 
 
 def test_window_warms_up_then_emits_one_ngram_per_column():
@@ -33,11 +34,15 @@ def test_window_with_ngram_2_is_full_from_the_start():
 def test_tree_layout_follows_the_design():
     window = JacobiWindow(levels=np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int32), filled=2)
     candidates = np.array([[7, 8], [7, 9], [3, 3]], dtype=np.int32)
-    tokens, parents = tree_layout(window, 3, candidates)
+    tokens, parents, classes = tree_layout(window, 3, candidates.tolist(), max_ranks=8)
     # Level 0 is a chain from the root; level 1 column j hangs under level 0
     # column j; candidates form a trie (7 shared).
     assert tokens.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 3]
     assert parents.tolist() == [-1, 0, 1, 0, 1, 2, -1, 6, 6, -1, 9]
+    # Classes: window level * 3 + column, then 2 levels * 3 columns + rank *
+    # 2 + depth of the candidate that first reaches the node.
+    assert classes.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11]
+    assert classes.max() < num_classes(levels=2, columns=3, max_ranks=8)
 
 
 @pytest.mark.parametrize("cap", range(0, 40))
@@ -130,3 +135,80 @@ def test_no_tree_past_max_model_len(proposer):
     drafts = propose(proposer, {"a": history})
     assert len(drafts[0]) == 64 - 61
     assert len(proposer.tree_parents["a"]) == 3
+
+
+def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
+    rng = np.random.default_rng(0)
+    cost = StepCostModel()
+    assert cost.threshold() == 0.0  # nothing verified is cut before the fit
+    for step in range(200):
+        n_plain, n_tree = int(rng.integers(1, 40)), int(rng.integers(0, 60)) * (step % 3 > 0)
+        forward = 0.05 + 0.01 * (n_tree > 0) + 0.002 * n_plain + 0.005 * n_tree
+        # 20 ms of host work around each forward; now and then the engine
+        # sat idle before a step.
+        cost.observe(n_plain, n_tree, forward, forward + 0.02 + 30.0 * (step % 50 == 7),
+                     produced=8)
+    assert cost.ready
+    assert cost.node_seconds == pytest.approx(0.005, rel=1e-3)
+    assert cost.tree_step_seconds == pytest.approx(0.01, rel=1e-2)
+    assert cost.overhead_seconds == pytest.approx(0.02)
+    # A node must be accepted more often than the tokens produced meanwhile.
+    assert cost.threshold() == pytest.approx(0.005 * cost.tokens_per_second, rel=1e-3)
+    assert 8 / 0.4 < cost.tokens_per_second < 8 / 0.07
+
+
+def test_node_values_learn_rates_and_reexplore_cut_classes():
+    values = NodeValues(3)
+    assert (values.estimate() > 0.6).all()  # untried classes are tried first
+    for _ in range(300):
+        values.update(np.array([0, 0, 1, 1]), np.array([0, 0, 1]))
+    assert values.rate()[0] > 0.95 and 0.45 < values.rate()[1] < 0.55
+    assert values.estimate()[2] > values.estimate()[1] > values.rate()[1]
+    # Class 1 is no longer verified: its bonus grows back.
+    before = values.estimate()[1]
+    for _ in range(2000):
+        values.update(np.array([0]), np.array([0]))
+    assert values.estimate()[1] > before + 0.1
+
+
+def trained(proposer, threshold, tree_step_tokens=0.0, window_rate=0.05, candidate_rate=0.9):
+    """The proposer with a fitted budget: the given acceptance threshold and
+    fixed tree-step cost (in tokens), window nodes accepted at
+    ``window_rate``, candidates' first nodes at ``candidate_rate`` and their
+    second nodes never."""
+    cost, values = proposer.cost, proposer.values
+    cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
+    cost._coef = np.array([0.0, tree_step_tokens / 100, 0.0, threshold / 100])
+    levels, window = proposer.config.ngram - 1, proposer.config.window
+    values.offered[:] = 1e4
+    values.accepted[:levels * window] = 1e4 * window_rate
+    first = levels * window + np.arange(8) * levels
+    values.accepted[first] = 1e4 * candidate_rate
+    values.accepted[first + 1] = 0.0
+    return proposer
+
+
+def test_measured_budget_keeps_only_nodes_that_pay(proposer):
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    trained(proposer, threshold=0.02)
+    drafts = propose(proposer, {"a": history})
+    # Window columns (5%) pay at a low threshold, second candidate tokens
+    # (never accepted) do not: 3 window nodes, then the candidates' shared 2.
+    assert drafts[0][3:] == [2] and proposer.tree_parents["a"] == [-1, 0, 1, -1]
+    trained(proposer, threshold=0.3)
+    drafts = propose(proposer, {"a": history})
+    # Window columns (5%) are cut; the two candidates keep their first token
+    # (90%), shared by both: 2.
+    assert drafts[0] == [2] and proposer.tree_parents["a"] == [-1]
+    trained(proposer, threshold=0.95)
+    assert propose(proposer, {"a": history}) == [[]]
+    assert "a" not in proposer.tree_parents
+
+
+def test_measured_budget_drops_trees_that_do_not_cover_the_step_cost(proposer):
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    trained(proposer, threshold=0.3, tree_step_tokens=0.5)
+    assert propose(proposer, {"a": history}) == [[2]]  # gain 0.9 - 0.3 > 0.5
+    trained(proposer, threshold=0.3, tree_step_tokens=0.7)
+    assert propose(proposer, {"a": history}) == [[]]
+    assert proposer.tree_parents == {}

@@ -31,10 +31,18 @@ class LookaheadConfig:
     guesses:    G, pool candidates verified per step (tree mode).
     pool_from_prompt: also fill the pool with the prompt's n-grams (tree
                 mode; linear mode always does).
-    max_tree_tokens: tree nodes per engine step over the whole batch (tree
-                mode); each request gets at most num_speculative_tokens, and
-                W and G shrink as more requests share the budget (0: no
-                batch limit).
+    budget:     "measured" (tree mode): verify a node only where it pays:
+                the engine's step time is fitted online against the tokens it
+                schedules, and a window column or candidate depth is kept
+                while its measured acceptance rate exceeds the tokens the
+                engine would produce in the time the node costs (so trees
+                shrink as the batch grows, and to nothing where they do not
+                pay); "static": always the full W x (N-1) + G tree, within
+                the caps below.
+    max_tree_tokens: hard cap on tree nodes per engine step over the whole
+                batch (tree mode); each request gets at most
+                num_speculative_tokens, and W and G shrink as more requests
+                share the cap (0: no batch cap).
     ngram:      n-gram length N stored in the pool (key + continuation); the
                 window has N - 1 levels. Default 3 in tree mode, 4 in linear.
     key_len:    tokens of context used as the pool key (the last k tokens);
@@ -58,6 +66,7 @@ class LookaheadConfig:
     window: int = 3
     guesses: int = 3
     pool_from_prompt: bool = True
+    budget: str = "measured"
     max_tree_tokens: int = 64
     ngram: int | None = None
     key_len: int | None = None
@@ -81,6 +90,11 @@ class LookaheadConfig:
             raise LookaheadConfigError(
                 f'additional_config["{CONFIG_KEY}"]["mode"] must be "tree" or '
                 f'"linear", got {self.mode!r}'
+            )
+        if self.budget not in ("measured", "static"):
+            raise LookaheadConfigError(
+                f'additional_config["{CONFIG_KEY}"]["budget"] must be "measured" '
+                f'or "static", got {self.budget!r}'
             )
         if self.ngram is None:
             object.__setattr__(self, "ngram", 3 if self.mode == "tree" else 4)

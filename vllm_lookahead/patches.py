@@ -101,22 +101,28 @@ def batch_request_ids_patch() -> type[Patch]:
                     trees_verified=_trees_verifiable(batch, params),
                     prompt_lens=batch.num_prompt_tokens[: len(req_ids)].tolist(),
                     extra_args=[p.extra_args for p in params],
+                    scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
                 )
             original = GPUModelRunnerPatch.original("propose_draft_token_ids")
             return original(self, scheduler_output, *args, **kwargs)
 
         def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-            """Hands the verification step to the tree runtime when the
-            drafter supports trees (declares ``tree_parents``) and every
-            request's target tokens are plain argmax / temperature, top-k,
-            top-p samples; other batches verify the same drafts as chains
-            with vLLM's own rejection sampler (exact too)."""
+            """Tells the drafter a forward starts (``step_started``, for its
+            step-time fit) and hands the verification step to the tree
+            runtime when the drafter supports trees (declares
+            ``tree_parents``) and every request's target tokens are plain
+            argmax / temperature, top-k, top-p samples; other batches verify
+            the same drafts as chains with vLLM's own rejection sampler
+            (exact too)."""
             from vllm_lookahead.tree import runtime
 
+            drafter = getattr(self, "drafter", None)
+            step_started = getattr(drafter, "step_started", None)
+            if step_started is not None:
+                step_started()
             original = GPUModelRunnerPatch.original("_prepare_inputs")
             result = original(self, scheduler_output, num_scheduled_tokens)
             runtime.end_step()
-            drafter = getattr(self, "drafter", None)
             tree_parents = getattr(drafter, "tree_parents", None)
             if tree_parents is None or not scheduler_output.scheduled_spec_decode_tokens:
                 return result

@@ -65,23 +65,37 @@ def fit_tree(cap: int, window: int, guesses: int, filled: int, cont_len: int) ->
     return w, g
 
 
-def tree_layout(window: JacobiWindow, w: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens and parents (request-local, -1: the root) of one step's tree:
-    the first ``w`` columns of the filled levels, level by level, then the
-    trie of ``candidates`` [g, cont_len]."""
+def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
+                max_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tokens, parents (request-local, -1: the root) and classes of one
+    step's tree: the first ``w`` columns of the filled levels, level by
+    level, then the trie of ``candidates`` (most recent first, each at most
+    ``cont_len`` tokens). A node's class is its place in the tree: level l,
+    column j of the window is ``l * W + j``; depth d of the candidate of rank
+    r that first reaches it is ``(N-1) * W + min(r, max_ranks - 1) *
+    (N-1) + d``, so there are ``num_classes(N-1, W, max_ranks)`` classes."""
     filled = window.filled
+    levels, columns = window.levels.shape
     la_tokens = window.levels[:filled, :w].reshape(-1)
     la_parents = np.arange(filled * w, dtype=np.int32) - w
     la_parents[:w] = np.arange(-1, w - 1)
-    tokens, parents = la_tokens.tolist(), la_parents.tolist()
+    la_classes = (np.arange(filled)[:, None] * columns + np.arange(w)).reshape(-1)
+    tokens, parents, classes = la_tokens.tolist(), la_parents.tolist(), la_classes.tolist()
     children: dict[tuple[int, int], int] = {}
-    for candidate in candidates.tolist():
+    for rank, candidate in enumerate(candidates):
+        first = levels * columns + min(rank, max_ranks - 1) * levels
         parent = -1
-        for token in candidate:
+        for depth, token in enumerate(candidate):
             node = children.get((parent, token))
             if node is None:
                 node = children[(parent, token)] = len(tokens)
                 tokens.append(token)
                 parents.append(parent)
+                classes.append(first + depth)
             parent = node
-    return np.asarray(tokens, dtype=np.int32), np.asarray(parents, dtype=np.int32)
+    return (np.asarray(tokens, dtype=np.int32), np.asarray(parents, dtype=np.int32),
+            np.asarray(classes, dtype=np.int64))
+
+
+def num_classes(levels: int, columns: int, max_ranks: int) -> int:
+    return levels * columns + max_ranks * levels

@@ -19,6 +19,8 @@ Either way the output is exactly that of plain decoding.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
 import numpy as np
@@ -27,14 +29,19 @@ import torch
 from vllm_lookahead import patches
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.ops import NgramPool
-from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
+from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
+from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
 from vllm_lookahead.tree import runtime
 
 logger = logging.getLogger(__name__)
 
 # Per-request override: SamplingParams(extra_args={"lookahead": {...}}).
 OVERRIDE_KEYS = ("window", "guesses", "disable")
-STATS_EVERY_STEPS = 500
+# Steps between stats log lines (env VLLM_LOOKAHEAD_LOG_EVERY).
+STATS_EVERY_STEPS = int(os.environ.get("VLLM_LOOKAHEAD_LOG_EVERY", "500"))
+# Candidate ranks with their own acceptance estimates (later ranks share the
+# last one's).
+MAX_RANKS = 8
 
 
 class LookaheadProposer:
@@ -77,12 +84,23 @@ class LookaheadProposer:
         self.tree_parents: dict[str, list[int]] | None = (
             {} if self.config.mode == "tree" else None)
         self._windows: dict[str, JacobiWindow] = {}
-        # Lookahead nodes (w, filled) of each request's last tree.
-        self._layouts: dict[str, tuple[int, int]] = {}
+        # Each request's last tree: window columns, filled levels, node classes.
+        self._layouts: dict[str, tuple[int, int, np.ndarray]] = {}
+        # Measured budget (tree mode): step-time fit and per-class
+        # acceptance estimates (``budget.py``).
+        self.cost = StepCostModel()
+        self.values = NodeValues(num_classes(self.config.ngram - 1, self.config.window,
+                                             MAX_RANKS))
+        self._last_bind: float | None = None
+        self._forward_started: float | None = None
+        # n_plain, n_tree, forward seconds, step seconds of the last step.
+        self._step: tuple[int, int, float, float | None] | None = None
+        self._drafted = 0
+        self._proposer_seconds = 0.0
+        self._step_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
         self._stats = np.zeros(5, dtype=np.int64)
-        self._tree_steps = 0
-        self._stats_logged_at = 0
+        self._steps = 0
         logger.info(
             "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB",
             self.config.mode, self.config, self.k, self.pool.nbytes() / 2**20,
@@ -93,12 +111,20 @@ class LookaheadProposer:
 
     def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None,
                    trees_verified: bool = False, prompt_lens: list[int] | None = None,
-                   extra_args: list[dict[str, Any] | None] | None = None) -> None:
+                   extra_args: list[dict[str, Any] | None] | None = None,
+                   scheduled_tokens: int | None = None) -> None:
         """Row -> request map of the coming ``propose`` call, whether the
-        runtime can verify this batch's trees, prompt lengths and per-request
-        ``SamplingParams.extra_args``. Pools of requests that left the batch
-        (finished, aborted, preempted or unscheduled) are freed here and
-        rebuilt from the token history if the request comes back."""
+        runtime can verify this batch's trees, prompt lengths, per-request
+        ``SamplingParams.extra_args`` and the tokens the step that just ran
+        scheduled (for the step-time fit). Pools of requests that left the
+        batch (finished, aborted, preempted or unscheduled) are freed here
+        and rebuilt from the token history if the request comes back."""
+        now = time.perf_counter()
+        if self._forward_started is not None and scheduled_tokens is not None:
+            n_tree = min(self._drafted, scheduled_tokens)
+            self._step = (scheduled_tokens - n_tree, n_tree, now - self._forward_started,
+                          None if self._last_bind is None else now - self._last_bind)
+        self._last_bind, self._forward_started = now, None
         self._batch_req_ids = req_ids
         self._batch_trees = trees_verified and self.config.mode == "tree"
         if prompt_lens is not None:
@@ -110,6 +136,10 @@ class LookaheadProposer:
         present = set(req_ids)
         for req_id in [r for r in self._indexed if r not in present]:
             self._drop(req_id)
+
+    def step_started(self) -> None:
+        """Called by the model runner as a forward starts (budget timing)."""
+        self._forward_started = time.perf_counter()
 
     def _override(self, req_id: str, extra_args: dict[str, Any] | None) -> dict[str, Any]:
         """The request's valid ``extra_args["lookahead"]`` settings. A bad
@@ -168,6 +198,22 @@ class LookaheadProposer:
                 "ids; the vllm_lookahead patch of GPUModelRunner is not active"
             )
         self._batch_req_ids = None
+        started = time.perf_counter()
+        if self._step is not None:
+            n_plain, n_tree, forward, step = self._step
+            self._step = None
+            self.cost.observe(n_plain, n_tree, forward, step,
+                              sum(len(sampled) for sampled in sampled_token_ids))
+            self._step_seconds += forward + self.cost.overhead_seconds
+        drafts = self._propose(req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
+        self._drafted = sum(len(d) for d in drafts)
+        self._proposer_seconds += time.perf_counter() - started
+        self._steps += 1
+        if self._steps % STATS_EVERY_STEPS == 0:
+            self._log_stats()
+        return drafts
+
+    def _propose(self, req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
         drafts: list[list[int]] = [[] for _ in sampled_token_ids]
         rows = [
             i
@@ -271,53 +317,88 @@ class LookaheadProposer:
 
     def _propose_trees(self, req_ids, rows, lengths, token_ids_cpu) -> list[list[int]]:
         """One token tree per request (tokens returned, parents recorded in
-        ``tree_parents``), sized by the step budget."""
+        ``tree_parents``). Nodes are kept where they pay (``budget.py``):
+        window columns whose estimated acceptance covers their nodes' cost,
+        candidates cut at the first depth that does not; then the hard caps
+        (``max_tree_tokens`` over the batch, num_speculative_tokens and
+        max_model_len per request) apply."""
         cfg = self.config
         levels = cfg.ngram - 1
         cont_len = self.pool.cont_len
         per_request = self.k
         if cfg.max_tree_tokens:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
+        measured = cfg.budget == "measured"
+        threshold = self.cost.threshold() if measured else 0.0
+        value = self.values.estimate()
+        column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
+        candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
         keys = self._pool_keys(rows, lengths, token_ids_cpu)
         max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in self._overrides.values()])
         candidates, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), max_guesses)
         candidates, counts = candidates.numpy(), counts.numpy()
         self._stats[3] += len(rows)
         self._stats[4] += int((counts > 0).sum())
-        trees = []
+        # Depths of each candidate rank that pay (a prefix).
+        depth_pays = np.cumprod(candidate_value >= threshold, axis=1).sum(axis=1)
+        trees, layouts = [], {}
         for i, (req_id, row, n) in enumerate(zip(req_ids, rows, lengths)):
             override = self._overrides.get(req_id, {})
             window = self._windows.get(req_id)
             if window is None:
                 window = self._windows[req_id] = JacobiWindow.from_context(
                     token_ids_cpu[row, :n], levels, cfg.window)
-            cap = min(per_request, self.max_model_len - int(n))
-            w, g = fit_tree(max(cap, 0), min(override.get("window", cfg.window), cfg.window),
-                            override.get("guesses", cfg.guesses), window.filled, cont_len)
-            tokens, parents = tree_layout(window, w, candidates[i, :min(g, counts[i])])
-            tokens, parents = tokens[:cap], parents[:cap]
+            filled = window.filled
+            w = min(override.get("window", cfg.window), cfg.window)
+            column_pays = column_value[:filled].sum(axis=0) >= threshold * filled
+            w = int(np.cumprod(column_pays[:w]).sum())
+            g = min(int(counts[i]), override.get("guesses", cfg.guesses))
+            kept = [candidates[i, r, :depth_pays[min(r, MAX_RANKS - 1)]].tolist()
+                    for r in range(g)]
+            kept = [c for c in kept if c]
+            cap = max(min(per_request, self.max_model_len - int(n)), 0)
+            w, g = fit_tree(cap, w, len(kept), filled, cont_len)
+            tokens, parents, classes = tree_layout(window, w, kept[:g], MAX_RANKS)
+            tokens, parents, classes = tokens[:cap], parents[:cap], classes[:cap]
             if len(tokens):
-                self.tree_parents[req_id] = parents.tolist()
-                self._layouts[req_id] = (w, window.filled)
-            trees.append(tokens.tolist())
-        self._stats[0] += sum(1 for t in trees if t)
+                layouts[req_id] = (w, filled, classes, parents)
+            trees.append(tokens)
+        if measured and layouts and self.cost.ready:
+            # The trees must also pay for the fixed cost of a tree step (by
+            # the measured rates: classes not verified for a while drift
+            # back to the prior and are tried again).
+            rate = self.values.rate()
+            gain = sum(float((rate[c] - threshold).sum()) for _, _, c, _ in layouts.values())
+            if gain < self.cost.fixed_cost_tokens():
+                layouts, trees = {}, [tokens[:0] for tokens in trees]
+        for req_id, (w, filled, classes, parents) in layouts.items():
+            self.tree_parents[req_id] = parents.tolist()
+            self._layouts[req_id] = (w, filled, classes)
+        self._stats[0] += len(layouts)
         self._stats[1] += sum(len(t) for t in trees)
-        self._tree_steps += 1
-        return trees
+        return [t.tolist() for t in trees]
 
     def observe_verification(self, req_ids: list[str], argmax: np.ndarray,
-                             cu_rows: np.ndarray, accepted: np.ndarray) -> None:
+                             cu_rows: np.ndarray, accepted: np.ndarray,
+                             path: np.ndarray | None = None) -> None:
         """Called by the tree runtime after each verification: ``argmax``
         holds the target's argmax of every logits row (request i's rows are
-        ``cu_rows[i]:cu_rows[i+1]``: its root, then its nodes in order)."""
+        ``cu_rows[i]:cu_rows[i+1]``: its root, then its nodes in order),
+        ``accepted`` the accepted tokens per request and ``path`` [batch,
+        max_draft] the request-local nodes of each accepted path."""
+        started = time.perf_counter()
         self._stats[2] += int(accepted.sum())
-        grown, ngrams = [], []
+        grown, ngrams, offered, taken = [], [], [], []
         for i, req_id in enumerate(req_ids):
             layout = self._layouts.pop(req_id, None)
             window = self._windows.get(req_id)
             if layout is None or window is None:
                 continue
-            w, filled = layout
+            w, filled, classes = layout
+            verified = int(cu_rows[i + 1] - cu_rows[i] - 1)
+            offered.append(classes[:verified])
+            if path is not None:
+                taken.append(classes[path[i, :accepted[i]]])
             deepest = cu_rows[i] + 1 + (filled - 1) * w
             # Trimmed by the scheduler, or the window moved on: no update.
             if w == 0 or deepest + w > cu_rows[i + 1] or filled != window.filled:
@@ -328,12 +409,22 @@ class LookaheadProposer:
                 ngrams.append(completed)
         if ngrams:
             self.pool.insert_ngrams(grown, torch.from_numpy(np.concatenate(ngrams)))
-        if self._tree_steps >= self._stats_logged_at + STATS_EVERY_STEPS:
-            self._stats_logged_at = self._tree_steps
-            trees, nodes, accepted_total, lookups, hits = self._stats.tolist()
-            logger.info(
-                "vllm_lookahead: %d tree steps, %.1f nodes per tree, %.2f tokens "
-                "accepted per tree (tokens per target forward: %.2f), pool hit "
-                "rate %.0f%%", self._tree_steps, nodes / max(trees, 1),
-                accepted_total / max(trees, 1), 1 + accepted_total / max(trees, 1),
-                100 * hits / max(lookups, 1))
+        if offered:
+            self.values.update(np.concatenate(offered),
+                               np.concatenate(taken) if taken else np.zeros(0, np.int64))
+        self._proposer_seconds += time.perf_counter() - started
+
+    def _log_stats(self) -> None:
+        trees, nodes, accepted_total, lookups, hits = self._stats.tolist()
+        logger.info(
+            "vllm_lookahead: %d steps, %d with trees: %.1f nodes and %.2f accepted "
+            "tokens per tree (tokens per target forward: %.2f), pool hit rate "
+            "%.0f%%; budget: node cost %.2f ms, tree-step cost %.2f ms, host "
+            "overhead %.1f ms/step, %.1f tok/s, acceptance threshold %.2f; "
+            "proposer %.1f%% of step time",
+            self._steps, trees, nodes / max(trees, 1), accepted_total / max(trees, 1),
+            1 + accepted_total / max(trees, 1), 100 * hits / max(lookups, 1),
+            1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_step_seconds,
+            1e3 * self.cost.overhead_seconds,
+            self.cost.tokens_per_second, self.cost.threshold(),
+            100 * self._proposer_seconds / max(self._step_seconds, 1e-9))

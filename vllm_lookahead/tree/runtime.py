@@ -21,7 +21,8 @@ for the rows of a step:
    p+1..p+a (``ops.tree_kv_compact``), so the cache is a plain sequence again.
 
 After acceptance the drafter's ``observe_verification`` (if defined) gets
-the target's argmax at every node, which the lookahead branch feeds on.
+the target's argmax at every node, which the lookahead branch feeds on, and
+the accepted path of every request (request-local node indices).
 
 All vLLM-internal access goes through ``vllm_lookahead.patches``; this
 module works on the objects those patches hand it.
@@ -335,7 +336,7 @@ def accept_and_compact(step: TreeStep, draft_tokens: torch.Tensor, num_draft: li
     observe = getattr(step.drafter, "observe_verification", None)
     if observe is not None:
         cu_rows = cu_draft + np.arange(batch + 1)
-        observe(step.req_ids, argmax.numpy(), cu_rows, accepted_np)
+        observe(step.req_ids, argmax.numpy(), cu_rows, accepted_np, path_np)
     return out.to(logits.device)
 
 

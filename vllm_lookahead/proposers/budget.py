@@ -1,0 +1,152 @@
+"""Measured tree budget: a draft node is verified only where it pays.
+
+A tree node costs target compute; it pays back only if it is accepted. The
+engine's step time is fitted online as
+
+    t = a + c * [step has trees] + b_plain * n_plain + b_tree * n_tree
+
+(exponentially weighted least squares over recent steps: ``n_tree`` tree
+nodes, ``n_plain`` other scheduled tokens, ``c`` the fixed cost of a tree
+step). Adding a node with acceptance probability p to a step that produces
+T tokens in time t raises throughput T / t iff p > b_tree * T / t: the node
+must be accepted more often than the tokens the engine produces in the time
+the node costs. ``threshold()`` is that bar; it rises with the batch (T / t
+grows with the number of running requests) and falls back as the load goes
+down. A step keeps its trees only if their expected net gain beats the fixed
+cost ``c``.
+
+Times come from the engine itself (``step_started`` at the start of each
+forward, ``bind_batch`` after it), so the policy adapts to the hardware, the
+model and the load without configuration.
+
+The acceptance probability of a node is estimated per node class (its place
+in the tree: Jacobi level and column, or pool candidate rank and depth) from
+decayed counts of how often such nodes were verified and accepted, plus an
+exploration bonus that grows while a class is not verified, so a class that
+was cut is tried again now and then.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+# Steps before the fit is trusted (until then every node is verified).
+MIN_STEPS = 16
+# Weight of past steps in the step-time fit, and of past verifications in the
+# acceptance counts (per step).
+TIME_DECAY = 0.98
+COUNT_DECAY = 0.99
+# Recent steps whose host overhead (scheduling, output processing, drafting:
+# step time outside the forward) gives its median.
+OVERHEAD_WINDOW = 64
+EXPLORATION = 0.15
+
+
+class StepCostModel:
+    """Online linear fit of the engine's forward time, and its throughput.
+
+    The fit uses the time from the start of the forward (input preparation)
+    to the drafter's next call, so idle gaps between requests never enter
+    it; the host overhead around the forward is the median over recent
+    steps, for the same reason."""
+
+    FEATURES = 4  # 1, has trees, n_plain, n_tree
+
+    def __init__(self) -> None:
+        self._xtx = np.zeros((self.FEATURES, self.FEATURES))
+        self._xty = np.zeros(self.FEATURES)
+        self._coef = np.zeros(self.FEATURES)
+        self._steps = 0
+        self._tokens = 0.0
+        self._forward_seconds = 0.0
+        self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
+
+    @staticmethod
+    def _features(n_plain: int, n_tree: int) -> np.ndarray:
+        return np.array([1.0, float(n_tree > 0), float(n_plain), float(n_tree)])
+
+    def predict(self, n_plain: int, n_tree: int) -> float:
+        """Forward seconds of a step scheduling these tokens."""
+        return float(self._features(n_plain, n_tree) @ self._coef)
+
+    def observe(self, n_plain: int, n_tree: int, forward_seconds: float,
+                step_seconds: float | None, produced: int) -> None:
+        """One engine step: scheduled tokens, forward time, time since the
+        previous step (None for the first), tokens produced."""
+        x = self._features(n_plain, n_tree)
+        self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
+        self._xty = TIME_DECAY * self._xty + x * forward_seconds
+        self._tokens = TIME_DECAY * self._tokens + produced
+        self._forward_seconds = TIME_DECAY * self._forward_seconds + forward_seconds
+        if step_seconds is not None:
+            self._overheads.append(max(step_seconds - forward_seconds, 0.0))
+        self._steps += 1
+        # A small ridge keeps features that did not vary (no tree steps yet)
+        # at zero instead of making the system singular.
+        ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
+        coef = np.linalg.solve(self._xtx + ridge * np.eye(self.FEATURES), self._xty)
+        coef[1:] = np.maximum(coef[1:], 0.0)
+        self._coef = coef
+
+    @property
+    def ready(self) -> bool:
+        return self._steps >= MIN_STEPS
+
+    @property
+    def node_seconds(self) -> float:
+        """Marginal cost of one tree node (falls back to a plain token's)."""
+        return float(self._coef[3] if self._coef[3] > 0 else self._coef[2])
+
+    @property
+    def tree_step_seconds(self) -> float:
+        return float(self._coef[1])
+
+    @property
+    def overhead_seconds(self) -> float:
+        return float(np.median(self._overheads)) if self._overheads else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Recent throughput: tokens produced per step over the forward time
+        plus the median overhead per step."""
+        if self._forward_seconds <= 0:
+            return 0.0
+        steps = (1 - TIME_DECAY ** self._steps) / (1 - TIME_DECAY)
+        return self._tokens / (self._forward_seconds + steps * self.overhead_seconds)
+
+    def threshold(self) -> float:
+        """Acceptance probability a node needs to pay for itself (0 until
+        the fit is trusted)."""
+        return self.node_seconds * self.tokens_per_second if self.ready else 0.0
+
+    def fixed_cost_tokens(self) -> float:
+        """The fixed cost of a tree step, in tokens the engine would produce
+        meanwhile."""
+        return self.tree_step_seconds * self.tokens_per_second if self.ready else 0.0
+
+
+class NodeValues:
+    """Acceptance estimates per node class from decayed counts."""
+
+    def __init__(self, classes: int) -> None:
+        self.offered = np.zeros(classes)
+        self.accepted = np.zeros(classes)
+
+    def rate(self) -> np.ndarray:
+        """Smoothed acceptance rate per class."""
+        return (self.accepted + 1.0) / (self.offered + 2.0)
+
+    def estimate(self) -> np.ndarray:
+        """Optimistic acceptance probability per class: the rate plus a
+        bonus shrinking with the verifications seen."""
+        return self.rate() + EXPLORATION / np.sqrt(self.offered + 1.0)
+
+    def update(self, offered: np.ndarray, accepted: np.ndarray) -> None:
+        """One verification step: class ids of every verified node and of
+        every accepted node (repeats allowed)."""
+        self.offered *= COUNT_DECAY
+        self.accepted *= COUNT_DECAY
+        np.add.at(self.offered, offered, 1.0)
+        np.add.at(self.accepted, accepted, 1.0)
