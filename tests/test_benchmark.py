@@ -1,0 +1,95 @@
+"""The benchmark harness: metrics arithmetic, report, and one small real run
+(two methods, two batch sizes, a user prompt file) end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.benchmark import Cell, collect_prompts
+from benchmarks.report import README_BEGIN, README_END, markdown, update_readme
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_cell_summary_histogram_and_compression():
+    cell = Cell("m", 1, "c", requests=2, output_tokens=40, seconds=2.0, accepted=10,
+                drafts=8, draft_tokens=30, accepted_per_pos=[5, 3, 2],
+                ttft_s=[0.1, 0.3], tpot_s=[0.02])
+    out = cell.summary()
+    # 8 drafted steps: 3 accepted none, 2 exactly one, 1 exactly two, 2 three.
+    assert out["accepted_histogram"] == [3, 2, 1, 2]
+    assert sum(a * n for a, n in enumerate(out["accepted_histogram"])) == 10
+    assert out["compression"] == pytest.approx(40 / 30, abs=1e-3)
+    assert out["tokens_per_s"] == 20.0 and out["ttft_ms"] == 200.0 and out["tpot_ms"] == 20.0
+    total = Cell("m", 1, "all", identical=True)
+    total.add(cell)
+    total.add(Cell("m", 1, "d", output_tokens=10, seconds=1.0, accepted_per_pos=[1],
+                   identical=False))
+    assert total.output_tokens == 50 and total.accepted_per_pos == [6, 3, 2]
+    assert total.identical is False
+
+
+def test_prompts_per_category_from_any_file(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps({"category": c, "turns": [f"{c} {i}"]})
+                              for c in "ab" for i in range(3)))
+    prompts = collect_prompts([str(path)], per_category=2)
+    assert [p.text for p in prompts] == ["a 0", "a 1", "b 0", "b 1"]
+    with pytest.raises(FileNotFoundError):
+        collect_prompts([str(tmp_path / "missing.jsonl")], 1)
+
+
+def _results(cells):
+    return {"machine": {"cpu": "x", "cores": 2, "vllm": "0.32.0", "torch": "2", "commit": "abc",
+                        "date": "today"},
+            "model": "/m/smollm2", "prompts": ["spec-bench"], "per_category": 1,
+            "max_tokens": 8, "batch_sizes": [1], "skipped": {"vllm-suffix": "ImportError: x"},
+            "methods": {"plain-vllm": {}, "lookahead-tree": {}}, "cells": cells}
+
+
+def test_report_tables_and_readme_section(tmp_path):
+    cells = [Cell("plain-vllm", 1, c, output_tokens=10, seconds=1.0, identical=True).summary()
+             for c in ("all", "coding")]
+    cells += [Cell("lookahead-tree", 1, c, output_tokens=10, seconds=0.5, accepted=5, drafts=5,
+                   accepted_per_pos=[5], identical=True).summary() for c in ("all", "coding")]
+    text = markdown(_results(cells))
+    assert "| 1 | lookahead-tree | 20.0 | 2.00x | 2.00 | 1.00 |" in text
+    assert "| coding | 2.00x (2.00) |" in text
+    assert "`vllm-suffix` did not run here: ImportError: x" in text
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(_results(cells)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{README_BEGIN}\nold\n{README_END}\nafter\n")
+    update_readme(readme, results)
+    new = readme.read_text()
+    assert "old" not in new and "2.00x" in new and new.endswith(f"{README_END}\nafter\n")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end(smollm2, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"category": c, "turns": [t]}) for c, t in [
+        ("counting", "Count from one to twenty in words, separated by commas."),
+        ("code", "Write a Python function that returns the n-th Fibonacci number."),
+    ]))
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "benchmarks/benchmark.py", "--model", smollm2, "--prompts",
+         str(prompts), "--per-category", "2", "--max-tokens", "24", "--batch-sizes", "1,2",
+         "--methods", "plain,lookahead-tree", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    cells = {(c["method"], c["batch_size"], c["category"]): c for c in results["cells"]}
+    for batch in (1, 2):
+        for category in ("counting", "code", "all"):
+            tree = cells[("lookahead-tree", batch, category)]
+            assert tree["identical"] is True
+            assert tree["output_tokens"] == cells[("plain-vllm", batch, category)]["output_tokens"]
+            assert tree["ttft_ms"] is not None and tree["ttft_ms"] > 0
+    assert (out / "results.md").read_text().count("| yes |") == 4
+    assert (out / "speedup_by_category.png").stat().st_size > 0
+    assert (out / "speedup_by_batch.png").stat().st_size > 0
