@@ -188,7 +188,11 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
         for i, p in enumerate(prompts):
             by_category[p.category].append(i)
         for batch in batch_sizes:
-            for category, index in by_category.items():
+            # Categories are batched separately when each fills a batch;
+            # otherwise the batch mixes categories and only the total is kept.
+            groups = by_category if min(map(len, by_category.values())) >= batch \
+                else {ALL: list(range(len(prompts)))}
+            for category, index in groups.items():
                 cell = Cell(method.name, batch, category)
                 before = _metrics(llm)
                 for lo in range(0, len(index), batch):
@@ -321,17 +325,20 @@ def main() -> None:
         if method.name == "plain-vllm":
             reference = outputs
         for cell in method_cells:
-            index = [i for i, p in enumerate(prompts) if p.category == cell.category]
+            index = [i for i, p in enumerate(prompts) if cell.category in (ALL, p.category)]
             cell.identical = all(outputs[(cell.batch_size, i)] == reference[(cell.batch_size, i)]
                                  for i in index)
         cells += method_cells
     progress.close()
 
     totals: dict[tuple[str, int], Cell] = {}
-    for cell in cells:
+    for cell in [c for c in cells if c.category != ALL]:
         total = totals.setdefault((cell.method, cell.batch_size),
                                   Cell(cell.method, cell.batch_size, ALL, identical=True))
         total.add(cell)
+    # Totals: summed over categories, or the mixed batches' own cell.
+    totals.update({(c.method, c.batch_size): c for c in cells if c.category == ALL})
+    cells = [c for c in cells if c.category != ALL]
     results = {
         "machine": machine(), "model": model, "draft_model": draft,
         "prompts": args.prompts, "per_category": args.per_category,

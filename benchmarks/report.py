@@ -20,6 +20,13 @@ def _cells(results: dict[str, Any]) -> dict[tuple[str, int, str], dict[str, Any]
     return {(c["method"], c["batch_size"], c["category"]): c for c in results["cells"]}
 
 
+def _category_batches(results: dict[str, Any]) -> list[int]:
+    """Batch sizes measured per category (smaller runs mix categories in a
+    batch and keep only the total)."""
+    return [b for b in results["batch_sizes"]
+            if any(c["batch_size"] == b and c["category"] != "all" for c in results["cells"])]
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -55,7 +62,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"\n`{name}` did not run here: {reason}")
     categories = sorted({c["category"] for c in results["cells"]} - {"all"})
-    for batch in results["batch_sizes"]:
+    for batch in _category_batches(results):
         lines += ["", f"Speedup over plain vLLM by category, batch {batch} "
                   "(tokens per target forward in brackets):", "",
                   "| category | " + " | ".join(m for m in methods if m != PLAIN) + " |",
@@ -86,6 +93,7 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     cells = _cells(results)
     methods = [m for m in results["methods"] if m != PLAIN]
     batches = results["batch_sizes"]
+    category_batches = _category_batches(results) or batches[:1]
     categories = sorted({c["category"] for c in results["cells"]} - {"all"}) + ["all"]
 
     def speedup(method: str, batch: int, category: str) -> float:
@@ -93,9 +101,10 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
         return c["tokens_per_s"] / p["tokens_per_s"] if c and p else 0.0
 
     paths = []
-    fig, axes = plt.subplots(len(batches), 1, figsize=(12, 3.2 * len(batches)), squeeze=False)
+    fig, axes = plt.subplots(len(category_batches), 1, figsize=(12, 3.2 * len(category_batches)),
+                             squeeze=False)
     width = 0.8 / max(len(methods), 1)
-    for ax, batch in zip(axes[:, 0], batches):
+    for ax, batch in zip(axes[:, 0], category_batches):
         for j, method in enumerate(methods):
             xs = [i + j * width for i in range(len(categories))]
             ax.bar(xs, [speedup(method, batch, c) for c in categories], width, label=method)
