@@ -73,7 +73,9 @@ def test_benchmark_runs_end_to_end(smollm2, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"category": c, "turns": [t]}) for c, t in [
         ("counting", "Count from one to twenty in words, separated by commas."),
+        ("counting", "List the days of the week, then the months of the year."),
         ("code", "Write a Python function that returns the n-th Fibonacci number."),
+        ("code", "Write a Python class for a stack with push, pop and peek."),
     ]))
     out = tmp_path / "out"
     run = subprocess.run(
