@@ -21,6 +21,7 @@ import argparse
 import gc
 import gzip
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -246,7 +247,6 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__, "vllm": vllm.__version__,
             "commit": commit + ("-dirty" if dirty else ""),
