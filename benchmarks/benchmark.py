@@ -86,6 +86,13 @@ def collect_prompts(sources: list[str], per_category: int) -> list[Prompt]:
     return prompts
 
 
+def prompt_texts(model: str, prompts: list[Prompt]) -> list[str]:
+    """What the engine is given: the model's chat template around each
+    prompt, except raw completion prompts."""
+    chat = chat_prompts(model, [{"text": p.text} for p in prompts])
+    return [p.text if p.raw else c for p, c in zip(prompts, chat)]
+
+
 def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> list[Method]:
     methods = []
     for name in names:
@@ -297,8 +304,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     prompts = collect_prompts(args.prompts, args.per_category)
-    chat = chat_prompts(model, [{"text": p.text} for p in prompts])
-    texts = [p.text if p.raw else c for p, c in zip(prompts, chat)]
+    texts = prompt_texts(model, prompts)
     print(f"model {model}\n{len(prompts)} prompts, {len(set(p.category for p in prompts))} "
           f"categories; batch sizes {batch_sizes}; max_tokens {args.max_tokens}; "
           f"methods {[m.name for m in methods]}", flush=True)

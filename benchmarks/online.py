@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.benchmark import (  # noqa: E402
-    build_methods, collect_prompts, machine, resolve_model,
+    build_methods, collect_prompts, machine, prompt_texts, resolve_model,
 )
 from benchmarks.common import REPO, Method  # noqa: E402
 
@@ -196,14 +196,8 @@ def main() -> None:
                             resolve_model(args.draft_model))
     rates = [float(r) for r in args.rates.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = []
-    for p in collect_prompts(args.prompts, per_category=10**6)[:args.num_requests]:
-        prompts.append(p.text if p.raw or tokenizer.chat_template is None else
-                       tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
-                                                     tokenize=False, add_generation_prompt=True))
+    prompts = prompt_texts(model, collect_prompts(args.prompts, per_category=10**6)
+                           [:args.num_requests])
     results = {"machine": machine(), "model": model, "rates": rates,
                "num_requests": len(prompts), "max_tokens": args.max_tokens,
                "max_num_seqs": args.max_num_seqs, "methods": {}}
