@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-SPEC_BENCH = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+# The project's shared folder sits next to the checkout; a clone elsewhere
+# points at it with VLLM_LOOKAHEAD_SHARED.
+SHARED = Path(os.environ.get("VLLM_LOOKAHEAD_SHARED", REPO.parent / "shared"))
+SPEC_BENCH = SHARED / "data" / "spec_bench" / "question.jsonl"
 
 LOOKAHEAD_CLASS = "vllm_lookahead.LookaheadProposer"
 
@@ -21,7 +25,10 @@ def load_prompts(path: Path | str, limit: int | None = None,
     (``category``, ``turns``), as ``{"category", "text"}`` dicts."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        hint = (" (the Spec-Bench prompts live in the project's shared folder next to "
+                "the checkout; set VLLM_LOOKAHEAD_SHARED to its path)"
+                if path == SPEC_BENCH else "")
+        raise FileNotFoundError(f"prompt file not found: {path}{hint}")
     prompts = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
