@@ -51,10 +51,12 @@ def workload(smollm2, spec_bench_prompts):
     return prompts, params, overrides, reference, penalised
 
 
-@pytest.mark.parametrize("ngram, window, guesses", [(4, 5, 5), (2, 3, 3)])
-def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses):
+@pytest.mark.parametrize("ngram, window, guesses, budget",
+                         [(4, 5, 5, "static"), (2, 3, 3, "measured")])
+def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses, budget):
     prompts, params, overrides, reference, penalised = workload
-    method = lookahead_method(k=32, ngram=ngram, window=window, guesses=guesses)
+    method = lookahead_method(k=32, ngram=ngram, window=window, guesses=guesses,
+                              budget=budget)
     # max_num_seqs < prompts: requests join and leave (continuous batching).
     llm = make_llm(smollm2, method, max_num_seqs=4)
     outputs = token_ids(llm.generate(prompts, params(overrides), use_tqdm=False))
@@ -68,4 +70,6 @@ def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses):
     assert fallback == penalised
     assert outputs == reference
     assert uniform == reference
-    assert accepted > 0
+    # The measured budget may cut every tree on a slow machine; the static one
+    # always verifies some.
+    assert accepted > 0 or budget == "measured"

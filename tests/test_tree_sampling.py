@@ -178,8 +178,12 @@ def test_lookahead_sampling_matches_plain_sampling(tiny_llama, plain_samples):
 
     from benchmarks.common import lookahead_method, make_llm
 
-    llm = make_llm(tiny_llama, lookahead_method(k=16, window=3, guesses=3, ngram=3),
-                   **ENGINE)
+    # Static budget and no per-step node cap: a measured budget may (rightly)
+    # cut every tree of this random model, and the default cap of 64 nodes
+    # per step leaves nothing for each of 256 running requests.
+    method = lookahead_method(k=16, window=3, guesses=3, ngram=3, budget="static",
+                              max_tree_tokens=16 * ENGINE["max_num_seqs"])
+    llm = make_llm(tiny_llama, method, **ENGINE)
     ours = np.array(_sample_tokens(llm, SamplingParams(max_tokens=4, **PARAMS)))
     accepted = accepted_tokens(llm)
     seeded = SamplingParams(max_tokens=32, seed=99, **PARAMS)
