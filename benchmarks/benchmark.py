@@ -35,11 +35,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     REPO, SPEC_BENCH, Method, chat_prompts, load_prompts, lookahead_method, make_llm,
-    ngram_method,
+    ngram_method, staged_method,
 )
 
 ALL = "all"
-METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree", "draft-model")
+STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
+                                                                       "stage2": False},
+          "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False}}
+METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree", "draft-model",
+           *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
          "methods": "plain,ngram,lookahead-linear,lookahead-tree"}
 FULL = {"per_category": 8, "max_tokens": 128, "batch_sizes": "1,8,32",
@@ -111,7 +115,14 @@ def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> l
             if draft is None:
                 raise SystemExit("method draft-model needs --draft-model")
             methods.append(Method("vllm-draft-model", {
-                "method": "draft_model", "model": draft, "num_speculative_tokens": 4}))
+                "method": "draft_model", "model": draft, "num_speculative_tokens": k}))
+        elif name in STAGED:
+            if draft is None:
+                raise SystemExit(f"method {name} needs --draft-model")
+            # Linear: the same chain length as vLLM's draft_model; tree: the
+            # tree budget.
+            methods.append(staged_method(draft, k if "linear" in name else tree_k,
+                                         **STAGED[name]))
         else:
             raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
     if methods[0].name != "plain-vllm":
@@ -132,6 +143,10 @@ class Cell:
     accepted: int = 0
     drafts: int = 0
     draft_tokens: int = 0
+    # Draft-model forwards and drafting steps (engine steps that drafted),
+    # for the methods that run a draft model.
+    draft_forwards: int = 0
+    draft_steps: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
@@ -139,7 +154,7 @@ class Cell:
 
     def add(self, other: Cell) -> None:
         for name in ("requests", "output_tokens", "seconds", "accepted", "drafts",
-                     "draft_tokens"):
+                     "draft_tokens", "draft_forwards", "draft_steps"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         pad = lambda v: v + [0] * (width - len(v))  # noqa: E731
@@ -165,6 +180,8 @@ class Cell:
             compression=round(self.output_tokens / forwards, 3) if forwards > 0 else None,
             mean_accepted=round(self.accepted / self.drafts, 3) if self.drafts else None,
             accepted_histogram=histogram, ttft_ms=mean(self.ttft_s), tpot_ms=mean(self.tpot_s),
+            draft_forwards_per_step=(round(self.draft_forwards / self.draft_steps, 3)
+                                     if self.draft_steps else None),
         )
         return out
 
@@ -180,6 +197,23 @@ def _metrics(llm) -> dict[str, Any]:
     return out
 
 
+def _draft_counts(llm, method: Method) -> tuple[int, int]:
+    """(draft-model forwards, drafting steps) so far: the staged drafter's
+    counters; vLLM's draft_model runs num_speculative_tokens forwards per
+    drafting step, which its metrics do not count (0, 0 there: filled in
+    by the caller from the draft count)."""
+    spec = method.speculative_config or {}
+    if spec.get("method") != "draft_model":
+        return 0, 0
+    if "staged" not in (method.additional_config or {}):
+        # vLLM's draft_model: num_speculative_tokens forwards every drafting
+        # step (a per-step average that survives summing cells).
+        return spec["num_speculative_tokens"], 1
+    stats = llm.collective_rpc(
+        lambda worker: worker.model_runner._vllm_lookahead_staged.stats())[0]
+    return stats["draft_forwards"], stats["steps"]
+
+
 def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[str],
                batch_sizes: list[int], max_tokens: int, progress,
                max_model_len: int) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
@@ -187,6 +221,10 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
     and every request's output token ids keyed by (batch size, prompt)."""
     from vllm import SamplingParams
 
+    if method.additional_config and "staged" in method.additional_config:
+        # The staged drafter's counters are read by a function sent to the
+        # worker (collective_rpc), which vLLM unpickles only with this set.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     llm = make_llm(model, method, max_num_seqs=max(batch_sizes), max_model_len=max_model_len)
     cells, outputs = [], {}
     try:
@@ -203,6 +241,7 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
             for category, index in groups.items():
                 cell = Cell(method.name, batch, category)
                 before = _metrics(llm)
+                forwards_before = _draft_counts(llm, method)
                 for lo in range(0, len(index), batch):
                     chunk = index[lo:lo + batch]
                     start = time.perf_counter()
@@ -221,6 +260,12 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
                                                    / (len(ids) - 1))
                     progress.update(len(chunk))
                 after = _metrics(llm)
+                forwards_after = _draft_counts(llm, method)
+                if method.additional_config and "staged" in method.additional_config:
+                    cell.draft_forwards = forwards_after[0] - forwards_before[0]
+                    cell.draft_steps = forwards_after[1] - forwards_before[1]
+                else:
+                    cell.draft_forwards, cell.draft_steps = forwards_after
                 cell.accepted = after["vllm:spec_decode_num_accepted_tokens"] - \
                     before["vllm:spec_decode_num_accepted_tokens"]
                 cell.drafts = after["vllm:spec_decode_num_drafts"] - \

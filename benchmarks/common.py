@@ -77,6 +77,18 @@ def lookahead_method(k: int = 8, mode: str = "tree", **lookahead: Any) -> Method
     )
 
 
+def staged_method(draft: str, k: int = 8, **staged: Any) -> Method:
+    """The staged draft cascade: vLLM's draft_model method plus
+    ``additional_config["staged"]``."""
+    tree = staged.get("tree", True)
+    stage2 = staged.get("stage2", True)
+    return Method(
+        f"staged-{'tree' if tree else 'linear'}{'' if stage2 else '-no-stage2'}",
+        {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
+        {"staged": staged},
+    )
+
+
 def ngram_method(k: int = 8) -> Method:
     return Method(
         "vllm-ngram",

@@ -43,9 +43,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"cores), vLLM {machine['vllm']}, torch {machine['torch']}, commit {machine['commit']}, "
         f"{machine['date']}. One engine per method, all in one run.",
         "",
+    ]
+    # Draft-model forwards per drafting step, where a method runs a draft model.
+    drafting = any(c.get("draft_forwards_per_step") for c in results["cells"])
+    lines += [
         "| batch | method | tok/s | vs plain | tokens / target forward | accepted / draft "
-        "| TTFT ms | TPOT ms | identical |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        + ("| draft forwards / step " if drafting else "")
+        + "| TTFT ms | TPOT ms | identical |",
+        "| --- " * (10 if drafting else 9) + "|",
     ]
     for batch in results["batch_sizes"]:
         plain = cells.get((PLAIN, batch, "all"))
@@ -57,7 +62,8 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {batch} | {method} | {_fmt(c['tokens_per_s'], 1)} | {_fmt(speedup)}x "
                 f"| {_fmt(c['compression'])} | {_fmt(c['mean_accepted'])} "
-                f"| {_fmt(c['ttft_ms'], 0)} | {_fmt(c['tpot_ms'], 1)} "
+                + (f"| {_fmt(c.get('draft_forwards_per_step'))} " if drafting else "")
+                + f"| {_fmt(c['ttft_ms'], 0)} | {_fmt(c['tpot_ms'], 1)} "
                 f"| {'yes' if c['identical'] else 'NO'} |")
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"\n`{name}` did not run here: {reason}")

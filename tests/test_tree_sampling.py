@@ -3,9 +3,10 @@
 Unit level: the position-keyed sampler draws from softmax(top-k/top-p(logits
 / T)) exactly as vLLM does. End to end, on a random tiny model with a
 32-token vocabulary: the distribution of the tokens verified on random trees
-matches plain vLLM sampling (two-sample chi-square, p > 0.01), a deliberately
-wrong acceptor fails the same test, and a seed fixes the output whatever the
-batch around it.
+matches plain vLLM sampling (two-sample chi-square, p > 0.01) for random
+trees, lookahead trees and staged draft-model trees, a deliberately wrong
+acceptor fails the same test, and a seed fixes the output whatever the batch
+around it.
 """
 
 import numpy as np
@@ -194,4 +195,21 @@ def test_lookahead_sampling_matches_plain_sampling(tiny_llama, plain_samples):
     print(f"lookahead: accepted {accepted} tokens; p-values", p_values(plain_samples, ours))
     assert accepted > 0
     assert first == again
+    assert min(p_values(plain_samples, ours)) > 0.01
+
+
+@pytest.mark.slow
+def test_staged_sampling_matches_plain_sampling(tiny_llama, plain_samples):
+    """Staged trees (the tiny model drafting for itself) keep the target's
+    sampling distribution."""
+    from vllm import SamplingParams
+
+    from benchmarks.common import make_llm, staged_method
+
+    llm = make_llm(tiny_llama, staged_method(tiny_llama, k=8), **ENGINE)
+    ours = np.array(_sample_tokens(llm, SamplingParams(max_tokens=4, **PARAMS)))
+    accepted = accepted_tokens(llm)
+    del llm
+    print(f"staged: accepted {accepted} tokens; p-values", p_values(plain_samples, ours))
+    assert accepted > NUM_SAMPLES / 2
     assert min(p_values(plain_samples, ours)) > 0.01

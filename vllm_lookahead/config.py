@@ -1,25 +1,94 @@
 """Typed, validated configuration read from ``additional_config``.
 
 vLLM's ``SpeculativeConfig`` rejects unknown keys, so method parameters live
-in ``additional_config["lookahead"]``; a bad value fails at engine start with
-the offending key named.
+in ``additional_config["lookahead"]`` (lookahead proposer) and
+``additional_config["staged"]`` (staged draft cascade); a bad value fails at
+engine start with the offending key named.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 CONFIG_KEY = "lookahead"
+STAGED_KEY = "staged"
 
 
 class LookaheadConfigError(ValueError):
-    """Raised for an invalid ``additional_config["lookahead"]``."""
+    """Raised for an invalid ``additional_config["lookahead"]`` or
+    ``additional_config["staged"]``."""
+
+
+class _AdditionalConfig:
+    """Reading and key checking shared by the ``additional_config`` sections."""
+
+    key: str
+
+    def _integer(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive" if minimum else "a non-negative"
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["{name}"] must be {kind} integer, '
+                f"got {value!r}")
+
+    def _boolean(self, name: str) -> None:
+        if not isinstance(getattr(self, name), bool):
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["{name}"] must be a boolean, '
+                f"got {getattr(self, name)!r}")
+
+    def _pool_sizes(self) -> None:
+        """The n-gram pool keys shared by both sections."""
+        for name in ("ngram", "key_len", "capacity", "buckets", "ways"):
+            self._integer(name, 1)
+        if self.ngram < 2:
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["ngram"] must be >= 2, got {self.ngram}')
+        if self.key_len >= self.ngram:
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["key_len"] ({self.key_len}) must be '
+                f'smaller than "ngram" ({self.ngram})')
+        if self.buckets & (self.buckets - 1) or self.buckets < self.ways:
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["buckets"] must be a power of two '
+                f'>= "ways" ({self.ways}), got {self.buckets}')
+        if self.ways & (self.ways - 1):
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["ways"] must be a power of two, '
+                f"got {self.ways}")
+
+    @classmethod
+    def from_dict(cls, raw: Any):
+        if raw is None:
+            return cls()
+        if not isinstance(raw, dict):
+            raise LookaheadConfigError(
+                f'additional_config["{cls.key}"] must be a JSON object, '
+                f"got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise LookaheadConfigError(
+                f'unknown key(s) in additional_config["{cls.key}"]: '
+                f"{', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**raw)
+
+    @classmethod
+    def section(cls, vllm_config: Any) -> Any:
+        """The raw section of ``vllm_config.additional_config`` (None if absent)."""
+        additional = vllm_config.additional_config or {}
+        return additional.get(cls.key) if isinstance(additional, dict) else None
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any):
+        return cls.from_dict(cls.section(vllm_config))
 
 
 @dataclass(frozen=True)
-class LookaheadConfig:
+class LookaheadConfig(_AdditionalConfig):
     """Parameters of the lookahead proposer.
 
     mode:       "tree": lookahead decoding proper, one target forward per step
@@ -76,16 +145,9 @@ class LookaheadConfig:
     shared_pool: bool = False
     adaptive: bool = True
 
-    def __post_init__(self) -> None:
-        def integer(name: str, minimum: int) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                kind = "a positive" if minimum else "a non-negative"
-                raise LookaheadConfigError(
-                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be '
-                    f"{kind} integer, got {value!r}"
-                )
+    key: ClassVar[str] = CONFIG_KEY
 
+    def __post_init__(self) -> None:
         if self.mode not in ("tree", "linear"):
             raise LookaheadConfigError(
                 f'additional_config["{CONFIG_KEY}"]["mode"] must be "tree" or '
@@ -101,58 +163,53 @@ class LookaheadConfig:
         if self.key_len is None and isinstance(self.ngram, int):
             default = 1 if self.mode == "tree" else 2
             object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))
-        for name in ("window", "ngram", "key_len", "capacity", "buckets", "ways"):
-            integer(name, 1)
+        self._integer("window", 1)
         for name in ("guesses", "max_tree_tokens"):
-            integer(name, 0)
-        if self.ngram < 2:
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["ngram"] must be >= 2, '
-                f"got {self.ngram}"
-            )
-        if self.key_len >= self.ngram:
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["key_len"] ({self.key_len}) '
-                f'must be smaller than "ngram" ({self.ngram})'
-            )
-        if self.buckets & (self.buckets - 1) or self.buckets < self.ways:
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["buckets"] must be a power of '
-                f'two >= "ways" ({self.ways}), got {self.buckets}'
-            )
-        if self.ways & (self.ways - 1):
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["ways"] must be a power of '
-                f"two, got {self.ways}"
-            )
+            self._integer(name, 0)
+        self._pool_sizes()
         for name in ("shared_pool", "adaptive", "pool_from_prompt"):
-            if not isinstance(getattr(self, name), bool):
-                raise LookaheadConfigError(
-                    f'additional_config["{CONFIG_KEY}"]["{name}"] must be a '
-                    f"boolean, got {getattr(self, name)!r}"
-                )
+            self._boolean(name)
 
-    @classmethod
-    def from_dict(cls, raw: Any) -> LookaheadConfig:
-        if raw is None:
-            return cls()
-        if not isinstance(raw, dict):
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"] must be a JSON object, '
-                f"got {type(raw).__name__}"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise LookaheadConfigError(
-                f'unknown key(s) in additional_config["{CONFIG_KEY}"]: '
-                f"{', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
-            )
-        return cls(**raw)
 
-    @classmethod
-    def from_vllm_config(cls, vllm_config: Any) -> LookaheadConfig:
-        additional = vllm_config.additional_config or {}
-        if not isinstance(additional, dict):
-            return cls()
-        return cls.from_dict(additional.get(CONFIG_KEY))
+@dataclass(frozen=True)
+class StagedConfig(_AdditionalConfig):
+    """Parameters of the staged draft cascade (``method: "draft_model"`` plus
+    ``additional_config["staged"]``; ``proposers/staged.py``).
+
+    tree:       True: a token tree per request (the draft's greedy chain plus
+                its likeliest alternatives, up to num_speculative_tokens
+                nodes), verified by the tree runtime; False: the greedy chain
+                alone (linear), to compare with vLLM's own draft_model.
+    depth:      longest greedy chain the draft extends per step (default:
+                num_speculative_tokens). In tree mode the chain stops early
+                once num_speculative_tokens nodes are likelier than its next
+                node.
+    children:   tokens of the draft's distribution considered at each depth
+                (the greedy one and children - 1 alternatives, tree mode).
+    stage2:     speed up the draft itself: each draft forward also verifies
+                an n-gram pool guess for the draft's own greedy chain, so one
+                forward can extend the chain by several tokens (the chain is
+                unchanged: exactly the draft's greedy tokens).
+    ngram, key_len, capacity, buckets, ways: the stage-2 pool, as in
+                ``additional_config["lookahead"]``.
+    """
+
+    key: ClassVar[str] = STAGED_KEY
+
+    tree: bool = True
+    depth: int | None = None
+    children: int = 4
+    stage2: bool = True
+    ngram: int = 4
+    key_len: int = 1
+    capacity: int = 4
+    buckets: int = 1024
+    ways: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("tree", "stage2"):
+            self._boolean(name)
+        if self.depth is not None:
+            self._integer("depth", 1)
+        self._integer("children", 1)
+        self._pool_sizes()

@@ -12,6 +12,9 @@ import inspect
 import logging
 from typing import Any, ClassVar
 
+import numpy as np
+import torch
+
 PINNED_VLLM_VERSION = "0.32.0"
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,9 @@ def batch_request_ids_patch() -> type[Patch]:
         target = GPUModelRunner
 
         def propose_draft_token_ids(self, scheduler_output, *args, **kwargs):
+            staged = _staged_drafter(self)
+            if staged is not None:
+                return _staged_propose(self, staged, *args, **kwargs)
             bind_batch = getattr(self.drafter, "bind_batch", None)
             if bind_batch is not None:
                 batch = self.input_batch
@@ -116,7 +122,7 @@ def batch_request_ids_patch() -> type[Patch]:
             (exact too)."""
             from vllm_lookahead.tree import runtime
 
-            drafter = getattr(self, "drafter", None)
+            drafter = _staged_drafter(self) or getattr(self, "drafter", None)
             step_started = getattr(drafter, "step_started", None)
             if step_started is not None:
                 step_started()
@@ -146,6 +152,98 @@ def batch_request_ids_patch() -> type[Patch]:
             return result
 
     return GPUModelRunnerPatch
+
+
+def _staged_drafter(runner: Any) -> Any:
+    """The runner's staged drafter (``proposers.staged``) when vLLM's
+    ``draft_model`` method runs with ``additional_config["staged"]``; built
+    on first use, next to vLLM's draft-model proposer, which keeps loading
+    the draft and owning its KV cache."""
+    staged = runner.__dict__.get("_vllm_lookahead_staged")
+    if staged is None:
+        from vllm_lookahead.config import StagedConfig
+
+        spec = runner.speculative_config
+        raw = StagedConfig.section(runner.vllm_config) if spec is not None else None
+        staged = False
+        if raw is not None and spec.uses_draft_model():
+            from vllm_lookahead.proposers.staged import StagedDrafter
+
+            staged = StagedDrafter(
+                StagedConfig.from_dict(raw), spec.num_speculative_tokens,
+                runner.vllm_config.model_config.max_model_len,
+                runner.vllm_config.scheduler_config.max_num_seqs,
+                runner.vllm_config.model_config.get_vocab_size())
+            logger.info("vllm_lookahead: staged draft cascade %s, k=%d",
+                        staged.config, staged.k)
+            # vLLM's non-padded drafter path: the drafter runs after the
+            # step's bookkeeping and gets the sampled tokens as lists
+            # (vLLM's draft-model proposer refuses this flag at
+            # construction; it is not called any more).
+            spec.disable_padded_drafter_batch = True
+        runner._vllm_lookahead_staged = staged
+    return staged or None
+
+
+def _staged_propose(runner: Any, staged: Any, sampled_token_ids: Any, sampling_metadata: Any,
+                    *args: Any, **kwargs: Any) -> list[list[int]]:
+    """The staged drafter's drafts for the runner's batch (instead of vLLM's
+    draft-model proposer; its model and KV cache do the forwards)."""
+    if not isinstance(sampled_token_ids, list):
+        raise RuntimeError("staged drafting needs disable_padded_drafter_batch "
+                           "(set by vllm_lookahead at engine start)")
+    batch = runner.input_batch
+    num_reqs = batch.num_reqs
+    req_ids = list(batch.req_ids[:num_reqs])
+    params = [runner.requests[r].sampling_params for r in req_ids]
+    staged.bind_batch(req_ids, trees_verified=_trees_verifiable(batch, params))
+    drafter = runner.drafter
+    table = batch.block_table[drafter.kv_cache_gid]
+    capacity = table.num_blocks_per_row[:num_reqs].astype(np.int64) * table.block_size
+    forward = _draft_forward(drafter, table.get_device_tensor(num_reqs), table.block_size)
+    return staged.propose(sampled_token_ids, batch.num_tokens_no_spec[:num_reqs],
+                          batch.token_ids_cpu, capacity, forward)
+
+
+def _draft_forward(drafter: Any, block_table: torch.Tensor, block_size: int):
+    """``proposers.staged.DraftForward`` over vLLM's draft model: a causal
+    forward of several tokens per request, writing their KV to the draft
+    layers' slots (the request's own blocks, shared with the target)."""
+    from vllm.forward_context import set_forward_context
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    device = block_table.device
+
+    def forward(rows: np.ndarray, starts: np.ndarray, tokens: list[np.ndarray],
+                num_logits: np.ndarray) -> torch.Tensor:
+        q = np.asarray([len(t) for t in tokens], dtype=np.int64)
+        cu = np.zeros(len(q) + 1, dtype=np.int32)
+        cu[1:] = np.cumsum(q)
+        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, q)])
+        owner = np.repeat(np.arange(len(q)), q)
+        table = block_table[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)]
+        pos = torch.from_numpy(positions).to(device)
+        slots = (table[torch.from_numpy(owner).to(device), pos // block_size].to(torch.int64)
+                 * block_size + pos % block_size)
+        seq_lens = torch.from_numpy((np.asarray(starts) + q).astype(np.int32))
+        query_start = torch.from_numpy(cu)
+        metadata = CommonAttentionMetadata(
+            query_start_loc=query_start.to(device), query_start_loc_cpu=query_start,
+            seq_lens=seq_lens.to(device), num_reqs=len(q), num_actual_tokens=int(cu[-1]),
+            max_query_len=int(q.max()), max_seq_len=int(seq_lens.max()),
+            block_table_tensor=table, slot_mapping=slots, positions=pos,
+            seq_lens_cpu_upper_bound=seq_lens)
+        _, per_layer = drafter.build_per_group_and_layer_attn_metadata(metadata)
+        input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int32)).to(device)
+        with set_forward_context(per_layer, drafter.vllm_config, num_tokens=int(cu[-1]),
+                                 slot_mapping=dict.fromkeys(per_layer, slots)):
+            hidden = drafter.model(input_ids=input_ids, positions=pos)
+        if drafter.model_returns_tuple():
+            hidden = hidden[0]
+        wanted = np.concatenate([np.arange(e - n, e) for e, n in zip(cu[1:], num_logits)])
+        return drafter.model.compute_logits(hidden[torch.from_numpy(wanted).to(device)])
+
+    return forward
 
 
 def _trees_verifiable(input_batch: Any, params: list[Any]) -> bool:
@@ -273,9 +371,11 @@ def startup_validation_patch() -> type[Patch]:
         target = EngineArgs
 
         def create_engine_config(self, *args, **kwargs):
+            _staged_engine_args(self)
             original = EngineArgsPatch.original("create_engine_config")
             vllm_config = original(self, *args, **kwargs)
             spec = vllm_config.speculative_config
+            _check_staged(vllm_config)
             if (
                 spec is not None
                 and spec.method == "custom_class"
@@ -290,6 +390,42 @@ def startup_validation_patch() -> type[Patch]:
             return vllm_config
 
     return EngineArgsPatch
+
+
+def _staged_engine_args(engine_args: Any) -> None:
+    """The staged drafter runs after each step's bookkeeping, on the
+    CPU-side tokens: no asynchronous scheduling (as with vLLM's n-gram and
+    custom-class drafters)."""
+    additional = engine_args.additional_config
+    if not isinstance(additional, dict) or "staged" not in additional:
+        return
+    if engine_args.async_scheduling:
+        from vllm_lookahead.config import LookaheadConfigError
+
+        raise LookaheadConfigError(
+            'additional_config["staged"] does not support async_scheduling; leave '
+            "it unset")
+    engine_args.async_scheduling = False
+
+
+def _check_staged(vllm_config: Any) -> None:
+    """``additional_config["staged"]``: valid, with the ``draft_model``
+    method."""
+    from vllm_lookahead.config import LookaheadConfigError, StagedConfig
+    from vllm_lookahead.tree import runtime
+
+    raw = StagedConfig.section(vllm_config)
+    if raw is None:
+        return
+    config = StagedConfig.from_dict(raw)
+    spec = vllm_config.speculative_config
+    if spec is None or not spec.uses_draft_model():
+        raise LookaheadConfigError(
+            'additional_config["staged"] needs speculative_config {"method": '
+            '"draft_model", "model": DRAFT_MODEL, "num_speculative_tokens": K}; got '
+            f"method {getattr(spec, 'method', None)!r}")
+    if config.tree:
+        runtime.check_supported(vllm_config)
 
 
 def apply_all() -> None:

@@ -1,0 +1,146 @@
+"""Staged drafter without an engine: a toy draft model whose predictions
+read its own (simulated) KV cache, so a drafter that resumes from stale KV
+drafts wrong tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_lookahead.config import LookaheadConfigError, StagedConfig
+from vllm_lookahead.proposers.staged import StagedDrafter
+
+VOCAB = 12
+
+
+class ToyDraft:
+    """Next token = f(previous two tokens), read from the KV cache; peaked
+    or flat distributions. Records every forward."""
+
+    def __init__(self, seed=0, sharpness=4.0, max_len=4096):
+        gen = torch.Generator().manual_seed(seed)
+        self.logits = torch.randn(VOCAB, VOCAB, VOCAB, generator=gen)
+        self.logits[torch.arange(VOCAB)[:, None], torch.arange(VOCAB),
+                    torch.randint(0, VOCAB, (VOCAB, VOCAB), generator=gen)] += sharpness
+        self.kv = {}
+        self.max_len = max_len
+        self.forwards = 0
+
+    def next_logits(self, prev2: int, prev1: int) -> torch.Tensor:
+        return self.logits[prev2, prev1]
+
+    def greedy(self, tokens: list[int], n: int) -> list[int]:
+        out = list(tokens)
+        for _ in range(n):
+            out.append(int(self.next_logits(out[-2], out[-1]).argmax()))
+        return out[len(tokens):]
+
+    def __call__(self, rows, starts, tokens, num_logits):
+        self.forwards += 1
+        out = []
+        for row, start, toks, n in zip(rows, starts, tokens, num_logits):
+            kv = self.kv.setdefault(int(row), np.full(self.max_len, -1, dtype=np.int64))
+            assert start == 0 or kv[start - 1] >= 0, "read before any write"
+            kv[start:start + len(toks)] = toks
+            for p in range(start + len(toks) - n, start + len(toks)):
+                out.append(self.next_logits(int(kv[p - 1]) if p else 0, int(kv[p])))
+        return torch.stack(out)
+
+
+def drafter(k=6, **config):
+    return StagedDrafter(StagedConfig(**config), num_speculative_tokens=k,
+                         max_model_len=4096, max_num_seqs=4, vocab_size=VOCAB)
+
+
+def step(d, model, history, trees=True):
+    tokens = np.zeros((1, 4096), dtype=np.int64)
+    tokens[0, :len(history)] = history
+    d.bind_batch(["r"], trees_verified=trees)
+    return d.propose([[history[-1]]], np.array([len(history)]), tokens,
+                     np.array([4096]), model)[0]
+
+
+def chain_of(tokens, parents):
+    chain = []
+    for i, p in enumerate(parents):
+        if p == i - 1 and len(chain) == i:
+            chain.append(tokens[i])
+    return chain
+
+
+@pytest.mark.parametrize("stage2", [False, True])
+@pytest.mark.parametrize("target_seed", [0, 1])
+def test_chain_is_the_drafts_greedy_chain(stage2, target_seed):
+    """Over many steps, with a target that accepts part of each draft and
+    then differs (or, seed 0, is the draft itself), every step's chain is
+    exactly the draft's greedy continuation of the verified tokens."""
+    model, target = ToyDraft(seed=0), ToyDraft(seed=target_seed)
+    d = drafter(k=6, tree=False, stage2=stage2)
+    history = [3, 5, 7]
+    for _ in range(40):
+        draft = step(d, model, history, trees=False)
+        assert draft == model.greedy(history, len(draft))
+        assert len(draft) == 6
+        # Target: its own greedy tokens, accepted while they match the draft.
+        truth = target.greedy(history, len(draft) + 1)
+        accepted = int(np.cumprod(np.equal(truth[:-1], draft)).sum())
+        history += truth[:accepted + 1]
+
+
+def test_stage2_saves_draft_forwards():
+    """On a repetitive sequence stage 2 extends the chain by several tokens
+    per draft forward; the chains are the same."""
+    runs = {}
+    for stage2 in (False, True):
+        model = ToyDraft(seed=0)
+        d = drafter(k=8, tree=False, stage2=stage2)
+        history, drafts = [3, 5, 7], []
+        for _ in range(30):
+            draft = step(d, model, history, trees=False)
+            drafts.append(draft)
+            history += draft + model.greedy(history + draft, 1)
+        runs[stage2] = (drafts, model.forwards)
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][1] == 30 * 8
+    assert runs[True][1] < runs[False][1] / 2
+
+
+def test_tree_layout():
+    """Chain first, then alternatives (children of the chain node above,
+    never the chain's own token), at most k nodes; a flat draft branches, a
+    confident one does not."""
+    for sharpness, branches in ((0.0, True), (60.0, False)):
+        model = ToyDraft(seed=3, sharpness=sharpness)
+        d = drafter(k=10, children=3, stage2=False)
+        history = [1, 2, 3]
+        tokens = step(d, model, history)
+        parents = d.tree_parents.get("r", list(range(-1, len(tokens) - 1)))
+        assert len(tokens) == 10 and len(parents) == 10
+        chain = chain_of(tokens, parents)
+        assert chain == model.greedy(history, len(chain))
+        for i in range(len(chain), len(tokens)):
+            assert -1 <= parents[i] < len(chain)
+            depth = parents[i] + 1
+            assert tokens[i] != chain[depth]
+        assert (len(chain) < len(tokens)) == branches
+        # The same batch that the runtime cannot verify: the chain alone.
+        d.bind_batch(["r"], trees_verified=False)
+        assert step(d, model, history, trees=False) == model.greedy(history, 10)
+
+
+def test_requests_leaving_are_reread():
+    model = ToyDraft(seed=0)
+    d = drafter(k=4, tree=False)
+    history = [3, 5, 7, 9, 2]
+    step(d, model, history, trees=False)
+    d.bind_batch([], trees_verified=False)  # the request left the batch
+    model.kv.clear()  # ... and its blocks were freed
+    assert step(d, model, history, trees=False) == model.greedy(history, 4)
+
+
+def test_config_errors():
+    with pytest.raises(LookaheadConfigError, match="depth"):
+        StagedConfig(depth=0)
+    with pytest.raises(LookaheadConfigError, match="unknown key"):
+        StagedConfig.from_dict({"tre": True})
+    with pytest.raises(LookaheadConfigError, match="stage2"):
+        StagedConfig(stage2="yes")

@@ -1,0 +1,367 @@
+"""Staged draft cascade (Staged speculative decoding, arXiv 2308.04623).
+
+A small draft model, loaded and given its own paged KV cache by vLLM's
+``draft_model`` machinery, proposes a token tree per request; the draft is
+itself sped up by a second, almost free stage.
+
+- Stage 1, tree: the draft's greedy chain c_1..c_L plus, at each depth j,
+  the alternatives among its ``children`` likeliest tokens. Every candidate
+  node is scored by its probability under the draft of being on the target's
+  path (the chain prefix's product of top-1 probabilities times the node's
+  own), and the ``num_speculative_tokens`` best are kept: a single child
+  where the draft is confident, several where it is not. Alternatives are
+  leaves; the chain is laid out first, so an accepted chain prefix is
+  already in place in the KV cache (the tree runtime compacts the rest).
+- Stage 2, draft acceleration: each draft forward feeds, after the chain's
+  last token, a guess of the chain's continuation from an n-gram pool (fed
+  with the request's tokens and the draft's own earlier chains) and keeps the
+  guessed tokens that equal the draft's argmax, so one forward can extend the
+  chain by several tokens. The chain is exactly the draft's greedy chain with
+  or without stage 2; only the number of draft forwards changes.
+
+Drafts are deterministic (the draft's top tokens), so the tree runtime's
+sample-and-match verification is lossless for sampled requests without the
+draft's probabilities; batches the runtime cannot verify get the chain
+alone, verified by vLLM's rejection sampler.
+
+The draft model's KV holds each request's tokens up to where they were last
+fed; a request's fed tokens are compared with its verified tokens every
+step, and the draft re-reads from the first difference. This module sees
+no vLLM internals: the draft forward comes from ``vllm_lookahead.patches``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_lookahead.config import StagedConfig
+from vllm_lookahead.ops import NgramPool
+
+logger = logging.getLogger(__name__)
+
+STATS_EVERY_STEPS = int(os.environ.get("VLLM_LOOKAHEAD_LOG_EVERY", "500"))
+# Longest span of unread tokens the draft reads in one forward per request.
+PREFILL_CHUNK = 512
+
+# forward(rows, starts, tokens, num_logits) -> logits [sum(num_logits), V]:
+# runs the draft over tokens[i] at positions starts[i].. for batch row
+# rows[i] (writing their KV) and returns the logits of the last
+# num_logits[i] tokens of each row, rows in order.
+DraftForward = Callable[[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray], torch.Tensor]
+
+
+class _Chain:
+    """One request's greedy chain under construction."""
+
+    def __init__(self, row: int, length: int, capacity: int, max_len: int):
+        self.row = row
+        self.length = length  # verified tokens n; the chain starts at position n
+        self.capacity = capacity  # positions with KV slots
+        self.max_len = max_len  # chain tokens allowed by max_model_len and k
+        self.tokens: list[int] = []
+        self.top_tokens: list[np.ndarray] = []  # per depth: the draft's top tokens
+        self.top_probs: list[np.ndarray] = []
+        self.path_prob = 1.0  # draft probability of the whole chain
+        self.scores: list[float] = []  # alternatives' scores so far
+        self.done = False
+
+    def extend(self, tokens: np.ndarray, probs: np.ndarray) -> None:
+        for top, p in zip(tokens, probs):
+            self.scores.extend((self.path_prob * p[1:]).tolist())
+            self.tokens.append(int(top[0]))
+            self.top_tokens.append(top)
+            self.top_probs.append(p)
+            self.path_prob *= float(p[0])
+
+
+def _top_tokens(logits: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the argmax (vLLM's greedy token) and the next n - 1 likeliest
+    tokens, with their probabilities, [rows, n] each."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    top_p, top_t = probs.topk(n, dim=-1)
+    # On a tie topk may rank another token first: put the argmax there.
+    swap = top_t[:, 0] != greedy
+    if bool(swap.any()):
+        rows = torch.nonzero(swap).flatten()
+        for r in rows.tolist():
+            others = [t for t in top_t[r].tolist() if t != int(greedy[r])][:n - 1]
+            top_t[r] = torch.tensor([int(greedy[r])] + others)
+            top_p[r] = probs[r, top_t[r]]
+    return top_t.cpu().numpy(), top_p.cpu().numpy()
+
+
+class StagedDrafter:
+    """Builds the drafts (trees or chains) of every request of a step."""
+
+    def __init__(self, config: StagedConfig, num_speculative_tokens: int,
+                 max_model_len: int, max_num_seqs: int, vocab_size: int):
+        self.config = config
+        self.k = num_speculative_tokens
+        self.depth = min(config.depth or self.k, self.k)
+        self.children = config.children if config.tree else 1
+        self.max_model_len = max_model_len
+        # The tree runtime verifies trees whenever this is a dict.
+        self.tree_parents: dict[str, list[int]] | None = {} if config.tree else None
+        self.pool = NgramPool(
+            max_requests=max_num_seqs, vocab_size=vocab_size, ngram=config.ngram,
+            key_len=config.key_len, capacity=config.capacity, buckets=config.buckets,
+            ways=config.ways) if config.stage2 else None
+        # Per request: positions whose draft KV holds the verified tokens,
+        # and the tokens fed after them (verified or not).
+        self._valid: dict[str, int] = {}
+        self._fed: dict[str, np.ndarray] = {}
+        self._indexed: dict[str, int] = {}
+        self._batch_req_ids: list[str] | None = None
+        self._batch_trees = False
+        # steps, drafting requests, draft forwards, chain tokens, nodes
+        self.counters = np.zeros(5, dtype=np.int64)
+
+    # ------------------------------------------------------------------
+    # Batch bookkeeping.
+
+    def bind_batch(self, req_ids: list[str], trees_verified: bool = False) -> None:
+        """Row -> request map of the coming ``propose``, and whether the tree
+        runtime verifies this batch. State of requests that left the batch is
+        dropped; one that comes back is re-read from its first token."""
+        self._batch_req_ids = list(req_ids)
+        self._batch_trees = trees_verified and self.tree_parents is not None
+        present = set(req_ids)
+        for req_id in [r for r in self._valid if r not in present]:
+            self._drop(req_id)
+
+    def _drop(self, req_id: str) -> None:
+        self._valid.pop(req_id, None)
+        self._fed.pop(req_id, None)
+        if self._indexed.pop(req_id, None) is not None:
+            self.pool.erase(req_id)
+
+    def _resume_point(self, req_id: str, history: np.ndarray) -> int:
+        """First position whose draft KV does not hold ``history``'s token
+        (at most the last position: its logits start the chain)."""
+        fed = self._fed.get(req_id, np.zeros(0, dtype=np.int64))
+        valid = min(self._valid.get(req_id, 0), len(fed), len(history) - 1)
+        end = min(len(fed), len(history) - 1)
+        same = fed[valid:end] == history[valid:end]
+        return valid + int(np.cumprod(same).sum())
+
+    def _record_fed(self, req_id: str, start: int, tokens: np.ndarray) -> None:
+        """The draft's KV now holds ``tokens`` from position ``start`` (on
+        top of the tokens fed before it)."""
+        fed = self._fed.get(req_id, np.zeros(0, dtype=np.int64))
+        self._fed[req_id] = np.concatenate([fed[:start], tokens])
+
+    # ------------------------------------------------------------------
+    # Stage 2: the pool.
+
+    def _index(self, req_ids: list[str], spans: list[np.ndarray]) -> None:
+        """Add the n-grams of each span to its request's pool."""
+        todo = [i for i, s in enumerate(spans) if len(s) >= self.config.ngram]
+        if not todo:
+            return
+        width = max(len(spans[i]) for i in todo)
+        tokens = np.full((len(todo), width), 0, dtype=np.int32)
+        for j, i in enumerate(todo):
+            tokens[j, :len(spans[i])] = spans[i]
+        self.pool.insert_spans([req_ids[i] for i in todo], torch.from_numpy(tokens),
+                               np.arange(len(todo)), np.zeros(len(todo), np.int64),
+                               np.asarray([len(spans[i]) for i in todo]))
+
+    def _guesses(self, req_ids: list[str], tails: list[np.ndarray],
+                 room: np.ndarray) -> list[np.ndarray]:
+        """The pool's continuation of each tail (its last key_len tokens),
+        at most ``room`` tokens."""
+        empty = np.zeros(0, dtype=np.int64)
+        if self.pool is None or not len(req_ids):
+            return [empty] * len(req_ids)
+        key_len = self.config.key_len
+        keys = np.full((len(tails), key_len), -1, dtype=np.int32)
+        for i, tail in enumerate(tails):
+            take = min(key_len, len(tail))
+            keys[i, key_len - take:] = tail[len(tail) - take:]
+        out, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), 1)
+        out, counts = out[:, 0].numpy(), counts.numpy()
+        return [out[i, :max(0, int(room[i]))].astype(np.int64) if counts[i] else empty
+                for i in range(len(req_ids))]
+
+    # ------------------------------------------------------------------
+    # Drafting.
+
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens: np.ndarray,
+                token_ids: np.ndarray, capacity: np.ndarray,
+                forward: DraftForward) -> list[list[int]]:
+        """Drafts for every batch row (empty for rows in prefill).
+        ``num_tokens[row]`` verified tokens of each row are in
+        ``token_ids[row]``; ``capacity[row]`` positions have KV slots."""
+        req_ids = self._batch_req_ids
+        if req_ids is None or len(req_ids) != len(sampled_token_ids):
+            raise RuntimeError(
+                "staged drafter called without the batch's request ids; the "
+                "vllm_lookahead patch of GPUModelRunner is not active")
+        self._batch_req_ids = None
+        if self.tree_parents is not None:
+            self.tree_parents = {}
+        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        # Rows out of prefill, below max_model_len, with a KV slot for their
+        # last token.
+        rows = [r for r, s in enumerate(sampled_token_ids)
+                if s and num_tokens[r] < self.max_model_len
+                and capacity[r] >= num_tokens[r]]
+        if not rows:
+            return drafts
+        chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward)
+        for req_id, chain in zip([req_ids[r] for r in rows], chains):
+            tokens, parents = self._layout(chain)
+            drafts[chain.row] = tokens
+            if self._batch_trees and parents != list(range(-1, len(tokens) - 1)):
+                self.tree_parents[req_id] = parents
+            self.counters[4] += len(tokens)
+        self.counters[0] += 1
+        self.counters[1] += len(rows)
+        self.counters[3] += sum(len(c.tokens) for c in chains)
+        if self.counters[0] % STATS_EVERY_STEPS == 0:
+            self._log_stats()
+        return drafts
+
+    def _chains(self, req_ids, rows, num_tokens, token_ids, capacity,
+                forward: DraftForward) -> list[_Chain]:
+        """Each row's greedy draft chain, stage 2 guessing ahead (with each
+        depth's likeliest alternatives where the batch's trees are verified)."""
+        children = self.children if self._batch_trees else 1
+        ids = [req_ids[r] for r in rows]
+        histories = [token_ids[r, :int(num_tokens[r])] for r in rows]
+        chains = [_Chain(r, len(h), int(capacity[r]),
+                         min(self.depth, self.max_model_len - len(h)))
+                  for r, h in zip(rows, histories)]
+        starts = np.asarray([self._resume_point(i, h) for i, h in zip(ids, histories)])
+        if self.pool is not None:
+            for req_id in ids:
+                if req_id not in self._indexed:
+                    self.pool.open(req_id)
+                    self._indexed[req_id] = 0
+            overlap = self.config.ngram - 1
+            self._index(ids, [h[max(0, self._indexed[i] - overlap):]
+                              for i, h in zip(ids, histories)])
+            for i, h in zip(ids, histories):
+                self._indexed[i] = len(h)
+        feed = [h[s:] for h, s in zip(histories, starts)]
+        self._catch_up(ids, chains, starts, feed, forward)
+        # First chain forward: the tokens the draft has not read, then a guess.
+        active = list(range(len(chains)))
+        while active:
+            batch = [chains[i] for i in active]
+            # Chain tokens still to come, and positions with KV slots after
+            # the last token fed.
+            last = np.asarray([starts[i] + len(feed[i]) - 1 for i in active])
+            room = np.minimum(
+                np.asarray([c.max_len - len(c.tokens) - 1 for c in batch]),
+                np.asarray([c.capacity for c in batch]) - last - 1)
+            guesses = self._guesses(
+                [ids[i] for i in active],
+                [np.concatenate([histories[i], chains[i].tokens]) for i in active], room)
+            inputs = [np.concatenate([feed[i], g]) for i, g in zip(active, guesses)]
+            num_logits = np.asarray([1 + len(g) for g in guesses])
+            logits = forward(np.asarray([c.row for c in batch]), starts[active],
+                             inputs, num_logits)
+            self.counters[2] += 1
+            top_t, top_p = _top_tokens(logits, children)
+            offsets = np.concatenate([[0], np.cumsum(num_logits)])
+            still = []
+            for j, i in enumerate(active):
+                chain, guess = chains[i], guesses[j]
+                lo = offsets[j]
+                predicted = top_t[lo:offsets[j + 1], 0]
+                # Guess tokens equal to the draft's own argmax are the chain.
+                hits = int(np.cumprod(guess == predicted[:len(guess)]).sum())
+                take = min(hits + 1, chain.max_len - len(chain.tokens))
+                chain.extend(top_t[lo:lo + take], top_p[lo:lo + take])
+                self._record_fed(ids[i], int(starts[i]), inputs[j][:len(feed[i]) + hits])
+                starts[i] += len(feed[i]) + hits
+                feed[i] = np.asarray(chain.tokens[-1:], dtype=np.int64)
+                if not self._stop(chain, starts[i], children):
+                    still.append(i)
+            active = still
+        for req_id, history in zip(ids, histories):
+            self._valid[req_id] = len(history)
+        if self.pool is not None:
+            tails = [np.concatenate([h[-(self.config.ngram - 1):], c.tokens])
+                     for h, c in zip(histories, chains)]
+            self._index(ids, tails)
+        return chains
+
+    def _catch_up(self, ids: list[str], chains: list[_Chain], starts: np.ndarray,
+                  feed: list[np.ndarray], forward: DraftForward) -> None:
+        """Feed long unread spans (a prompt, a request back in the batch) in
+        chunks of ``PREFILL_CHUNK`` tokens, leaving each row's last chunk to
+        the first chain forward."""
+        while True:
+            long = [i for i, f in enumerate(feed) if len(f) > PREFILL_CHUNK]
+            if not long:
+                return
+            chunks = [feed[i][:PREFILL_CHUNK] for i in long]
+            forward(np.asarray([chains[i].row for i in long]), starts[long], chunks,
+                    np.ones(len(long), dtype=np.int64))
+            self.counters[2] += 1
+            for i, chunk in zip(long, chunks):
+                self._record_fed(ids[i], int(starts[i]), chunk)
+                starts[i] += len(chunk)
+                feed[i] = feed[i][len(chunk):]
+
+    def _stop(self, chain: _Chain, next_start: int, children: int) -> bool:
+        if len(chain.tokens) >= chain.max_len or next_start >= chain.capacity:
+            return True
+        # No deeper chain node can beat k likelier nodes already found.
+        likelier = sum(s > chain.path_prob for s in chain.scores) + len(chain.tokens)
+        return children > 1 and likelier >= self.k
+
+    def _layout(self, chain: _Chain) -> tuple[list[int], list[int]]:
+        """The k likeliest nodes of the chain and its alternatives: chain
+        first, then alternatives by depth. Returns tokens and parents."""
+        n = len(chain.tokens)
+        budget = min(self.k, self.max_model_len - chain.length)
+        if not self._batch_trees or self.children == 1:
+            return chain.tokens[:budget], list(range(-1, min(n, budget) - 1))
+        path = np.cumprod([p[0] for p in chain.top_probs])
+        before = np.concatenate([[1.0], path[:-1]])
+        # (score, depth, rank): chain nodes are rank 0.
+        nodes = [(float(path[d]), d, 0) for d in range(n)]
+        for d in range(n):
+            for r in range(1, len(chain.top_tokens[d])):
+                nodes.append((float(before[d] * chain.top_probs[d][r]), d, r))
+        nodes.sort(key=lambda x: (-x[0], x[1], x[2]))
+        kept = nodes[:budget]
+        depth = max([d + 1 for _, d, r in kept if r == 0], default=0)
+        # An alternative's parent (the chain node above it) is always
+        # likelier, so it is kept; ties could break that, so check.
+        alts = sorted((d, r) for _, d, r in kept if r and d <= depth)
+        tokens = chain.tokens[:depth] + [int(chain.top_tokens[d][r]) for d, r in alts]
+        parents = list(range(-1, depth - 1)) + [d - 1 for d, _ in alts]
+        return tokens, parents
+
+    # ------------------------------------------------------------------
+    # Stats.
+
+    def stats(self) -> dict[str, float]:
+        steps, drafting, forwards, chain, nodes = (int(x) for x in self.counters)
+        return {
+            "steps": steps,
+            "draft_forwards": forwards,
+            "draft_forwards_per_step": forwards / steps if steps else 0.0,
+            "chain_tokens_per_request": chain / drafting if drafting else 0.0,
+            "nodes_per_request": nodes / drafting if drafting else 0.0,
+        }
+
+    def _log_stats(self) -> None:
+        s = self.stats()
+        logger.info(
+            "vllm_lookahead staged: %d steps, %.2f draft forwards per step, %.2f chain "
+            "tokens and %.2f nodes per drafting request", s["steps"],
+            s["draft_forwards_per_step"], s["chain_tokens_per_request"],
+            s["nodes_per_request"])
