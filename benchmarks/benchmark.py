@@ -215,8 +215,9 @@ def _draft_counts(llm, method: Method) -> tuple[int, int]:
 
 
 def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[str],
-               batch_sizes: list[int], max_tokens: int, progress,
-               max_model_len: int) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
+               batch_sizes: list[int], max_tokens: int, progress, max_model_len: int,
+               enforce_eager: bool = False,
+               ) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
     """All batch sizes and categories with one engine; returns the cells
     and every request's output token ids keyed by (batch size, prompt)."""
     from vllm import SamplingParams
@@ -225,7 +226,8 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
         # The staged drafter's counters are read by a function sent to the
         # worker (collective_rpc), which vLLM unpickles only with this set.
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-    llm = make_llm(model, method, max_num_seqs=max(batch_sizes), max_model_len=max_model_len)
+    llm = make_llm(model, method, max_num_seqs=max(batch_sizes), max_model_len=max_model_len,
+                   enforce_eager=enforce_eager)
     cells, outputs = [], {}
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -333,6 +335,9 @@ def main() -> None:
     parser.add_argument("--tree-k", type=int, default=16,
                         help="num_speculative_tokens (nodes per tree) of tree lookahead")
     parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every engine eagerly (no torch.compile: much faster "
+                        "engine starts with a draft model on CPU, slower steps)")
     parser.add_argument("--out", type=Path, help="output directory "
                         "(default benchmarks/results/<model>-<quick|full>)")
     args = parser.parse_args()
@@ -365,7 +370,8 @@ def main() -> None:
         progress.set_description(method.name)
         try:
             method_cells, outputs = run_engine(model, method, prompts, texts, batch_sizes,
-                                               args.max_tokens, progress, args.max_model_len)
+                                               args.max_tokens, progress, args.max_model_len,
+                                               enforce_eager=args.enforce_eager)
         except Exception as e:  # noqa: BLE001 - a method vLLM cannot run here is reported
             if method.name == "plain-vllm":
                 raise
@@ -394,6 +400,7 @@ def main() -> None:
         "machine": machine(), "model": model, "draft_model": draft,
         "prompts": args.prompts, "per_category": args.per_category,
         "max_tokens": args.max_tokens, "batch_sizes": batch_sizes,
+        "enforce_eager": args.enforce_eager,
         "methods": {m.name: {"speculative_config": m.speculative_config,
                              "additional_config": m.additional_config} for m in methods},
         "skipped": skipped,

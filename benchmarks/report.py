@@ -41,7 +41,8 @@ def markdown(results: dict[str, Any]) -> str:
         + f"; prompts {', '.join(results['prompts'])} ({results['per_category']} per category), "
         f"{results['max_tokens']} new tokens, greedy; {machine['cpu']} ({machine['cores']} "
         f"cores), vLLM {machine['vllm']}, torch {machine['torch']}, commit {machine['commit']}, "
-        f"{machine['date']}. One engine per method, all in one run.",
+        f"{machine['date']}. One engine per method, all in one run"
+        + (" (eager mode, no torch.compile)." if results.get("enforce_eager") else "."),
         "",
     ]
     # Draft-model forwards per drafting step, where a method runs a draft model.

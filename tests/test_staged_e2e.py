@@ -11,6 +11,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 K = 8
+# Engine settings of every engine here (plain and staged alike): eager mode and
+# fewer batched tokens, so engines with a draft model start in a fraction of
+# the time (no torch.compile of two models, a short profiling run).
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=1024, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +41,7 @@ def random_draft(smollm2, tmp_path_factory) -> str:
 def reference(smollm2, spec_bench_prompts):
     from benchmarks.common import Method, make_llm
 
-    plain = make_llm(smollm2, Method("plain"), max_num_seqs=4)
+    plain = make_llm(smollm2, Method("plain"), **ENGINE)
     outputs = plain.generate(spec_bench_prompts, _params(), use_tqdm=False)
     penalised = plain.generate(spec_bench_prompts[:3], _penalised(), use_tqdm=False)
     del plain
@@ -66,7 +70,7 @@ def _run(model, draft, prompts, staged, monkeypatch):
 
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     # max_num_seqs < prompts: requests join and leave (continuous batching).
-    llm = make_llm(model, staged_method(draft, k=K, **staged), max_num_seqs=4)
+    llm = make_llm(model, staged_method(draft, k=K, **staged), **ENGINE)
     outputs = _tokens(llm.generate(prompts, _params(), use_tqdm=False))
     metrics = {m.name: m.value for m in llm.get_metrics()
                if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value")}
@@ -91,10 +95,12 @@ def test_copy_draft_is_exact_and_accepts_its_chains(smollm2, spec_bench_prompts,
     accepted_per_draft = (metrics["vllm:spec_decode_num_accepted_tokens"]
                           / metrics["vllm:spec_decode_num_drafts"])
     assert accepted_per_draft >= 0.8 * stats["chain_tokens_per_request"]
+    # Stage 2 found some of the chains' tokens.
+    assert stats["stage2_tokens_per_request"] > 0
     if not staged["tree"]:
         assert stats["chain_tokens_per_request"] > K - 1
-    # Stage 2 found some of the chain: fewer forwards than chain tokens.
-    assert stats["draft_forwards_per_step"] < stats["chain_tokens_per_request"]
+        # Without stage 2 a chain of K tokens takes K draft forwards.
+        assert stats["draft_forwards_per_step"] < K
 
 
 def test_random_draft_is_exact(smollm2, random_draft, spec_bench_prompts, reference,

@@ -121,8 +121,9 @@ class StagedDrafter:
         self._indexed: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
         self._batch_trees = False
-        # steps, drafting requests, draft forwards, chain tokens, nodes
-        self.counters = np.zeros(5, dtype=np.int64)
+        # steps, drafting requests, draft forwards, chain tokens, nodes,
+        # chain tokens found by stage-2 guesses
+        self.counters = np.zeros(6, dtype=np.int64)
 
     # ------------------------------------------------------------------
     # Batch bookkeeping.
@@ -281,6 +282,7 @@ class StagedDrafter:
                 # Guess tokens equal to the draft's own argmax are the chain.
                 hits = int(np.cumprod(guess == predicted[:len(guess)]).sum())
                 take = min(hits + 1, chain.max_len - len(chain.tokens))
+                self.counters[5] += take - 1
                 chain.extend(top_t[lo:lo + take], top_p[lo:lo + take])
                 self._record_fed(ids[i], int(starts[i]), inputs[j][:len(feed[i]) + hits])
                 starts[i] += len(feed[i]) + hits
@@ -349,19 +351,20 @@ class StagedDrafter:
     # Stats.
 
     def stats(self) -> dict[str, float]:
-        steps, drafting, forwards, chain, nodes = (int(x) for x in self.counters)
+        steps, drafting, forwards, chain, nodes, guessed = (int(x) for x in self.counters)
         return {
             "steps": steps,
             "draft_forwards": forwards,
             "draft_forwards_per_step": forwards / steps if steps else 0.0,
             "chain_tokens_per_request": chain / drafting if drafting else 0.0,
             "nodes_per_request": nodes / drafting if drafting else 0.0,
+            "stage2_tokens_per_request": guessed / drafting if drafting else 0.0,
         }
 
     def _log_stats(self) -> None:
         s = self.stats()
         logger.info(
-            "vllm_lookahead staged: %d steps, %.2f draft forwards per step, %.2f chain "
-            "tokens and %.2f nodes per drafting request", s["steps"],
+            "vllm_lookahead staged: %d steps, %.2f draft forwards per step; per drafting "
+            "request %.2f chain tokens (%.2f from stage 2) and %.2f nodes", s["steps"],
             s["draft_forwards_per_step"], s["chain_tokens_per_request"],
-            s["nodes_per_request"])
+            s["stage2_tokens_per_request"], s["nodes_per_request"])
