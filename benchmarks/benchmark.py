@@ -10,8 +10,7 @@ run; greedy outputs are compared with plain vLLM's in the same run. Writes
 
 Metrics per (method, batch size, category): tokens/s, time to first token
 and time per output token (engine timestamps per request), tokens per target
-forward (compression: output tokens / (output tokens - accepted draft
-tokens)), mean accepted tokens per drafted step and their histogram (from
+forward (compression: output tokens / ``common.target_forwards``), mean accepted tokens per drafted step and their histogram (from
 vLLM's per-position acceptance counters).
 """
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     REPO, SPEC_BENCH, Method, chat_prompts, load_prompts, lookahead_method, make_llm,
-    ngram_method, staged_method,
+    ngram_method, staged_method, target_forwards,
 )
 
 ALL = "all"
@@ -166,7 +165,8 @@ class Cell:
             self.identical = other.identical and self.identical is not False
 
     def summary(self) -> dict[str, Any]:
-        forwards = self.output_tokens - self.accepted
+        forwards = target_forwards(self.output_tokens, self.accepted, self.requests,
+                                   self.drafts)
         # Drafted steps accepting exactly a tokens: per-position counts are
         # "at least a + 1 accepted".
         at_least = [self.drafts] + self.accepted_per_pos

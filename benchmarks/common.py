@@ -97,6 +97,17 @@ def ngram_method(k: int = 8) -> Method:
     )
 
 
+def target_forwards(output_tokens: int, accepted: int, requests: int, drafts: int) -> int:
+    """Target forwards that produced the output, summed over requests: each
+    yields one token plus its accepted draft tokens, so output - accepted;
+    but vLLM counts accepted tokens that a request's last step drops at
+    max_tokens or a stop token, which long drafts make common, and each
+    request had at least its prefill forward plus one per drafted step. The
+    larger of the two (exact when every decode step drafted, or when nothing
+    was dropped)."""
+    return max(output_tokens - accepted, requests + drafts)
+
+
 @dataclass
 class RunResult:
     method: str
@@ -116,7 +127,8 @@ class RunResult:
     def compression(self) -> float:
         """Output tokens per target forward pass (per request): every
         forward yields one token plus the accepted draft tokens."""
-        forwards = self.output_tokens - self.accepted_tokens
+        forwards = target_forwards(self.output_tokens, self.accepted_tokens,
+                                   len(self.token_ids), self.drafts)
         return self.output_tokens / forwards if forwards else 0.0
 
     @property

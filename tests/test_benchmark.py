@@ -23,6 +23,11 @@ def test_cell_summary_histogram_and_compression():
     assert out["accepted_histogram"] == [3, 2, 1, 2]
     assert sum(a * n for a, n in enumerate(out["accepted_histogram"])) == 10
     assert out["compression"] == pytest.approx(40 / 30, abs=1e-3)
+    # Long drafts: vLLM counts accepted tokens that max_tokens then drops; a
+    # request still needs its prefill and one forward per drafted step.
+    long = Cell("m", 1, "c", requests=1, output_tokens=64, seconds=1.0, accepted=70,
+                drafts=8, draft_tokens=72).summary()
+    assert long["compression"] == pytest.approx(64 / 9, abs=1e-3)
     assert out["tokens_per_s"] == 20.0 and out["ttft_ms"] == 200.0 and out["tpot_ms"] == 20.0
     total = Cell("m", 1, "all", identical=True)
     total.add(cell)
