@@ -12,7 +12,8 @@ from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ngram_pool_cpu.cpp", f"{CSRC}/tree_cpu.cpp"]
+CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ngram_pool_cpu.cpp", f"{CSRC}/tree_cpu.cpp",
+               f"{CSRC}/lookahead_tree_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/ngram_pool_cuda.cu", f"{CSRC}/tree_cuda.cu"]
 
 

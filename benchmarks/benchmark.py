@@ -41,8 +41,8 @@ ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
                                                                        "stage2": False},
           "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False}}
-METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree", "draft-model",
-           *STAGED)
+METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree",
+           "lookahead-tree-static", "draft-model", *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
          "methods": "plain,ngram,lookahead-linear,lookahead-tree"}
 FULL = {"per_category": 8, "max_tokens": 128, "batch_sizes": "1,8,32",
@@ -110,6 +110,10 @@ def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> l
             methods.append(lookahead_method(k, mode="linear"))
         elif name == "lookahead-tree":
             methods.append(lookahead_method(tree_k))
+        elif name == "lookahead-tree-static":
+            # The whole tree every step (no measured budget): the compression
+            # trees reach where query tokens are cheap.
+            methods.append(lookahead_method(tree_k, budget="static"))
         elif name == "draft-model":
             if draft is None:
                 raise SystemExit("method draft-model needs --draft-model")

@@ -70,8 +70,9 @@ class Method:
 
 
 def lookahead_method(k: int = 8, mode: str = "tree", **lookahead: Any) -> Method:
+    static = lookahead.get("budget") == "static"
     return Method(
-        f"lookahead-{mode}",
+        f"lookahead-{mode}{'-static' if static else ''}",
         {"method": "custom_class", "model": LOOKAHEAD_CLASS, "num_speculative_tokens": k},
         {"lookahead": {"mode": mode, **lookahead}},
     )

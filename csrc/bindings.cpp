@@ -1,5 +1,5 @@
 // Operator schemas of the vllm_lookahead library. Implementations register
-// per device: ngram_pool_cpu.cpp (CPU) and ngram_pool_cuda.cu (CUDA).
+// per device: *_cpu.cpp (CPU) and *_cuda.cu (CUDA).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,6 +17,16 @@ TORCH_LIBRARY(vllm_lookahead, m) {
       "ngram_pool_lookup(Tensor keys, Tensor entries, Tensor sizes, "
       "Tensor stamps, Tensor clock, int ways, Tensor slots, Tensor query, "
       "int max_guesses, int shared_slot) -> (Tensor, Tensor)");
+  // Lookahead decoding's token trees of a batch (lookahead_tree_cpu.cpp):
+  // per request the first columns of its Jacobi window's filled levels and
+  // a trie of its pool candidates, fitted under caps[b] nodes. Returns
+  // tokens, parents (request-local, -1: the root) and node classes, each
+  // [batch, levels * window + guesses * cont_len] (padded), node counts and
+  // the window columns used.
+  m.def(
+      "lookahead_tree_layout(Tensor grids, Tensor filled, Tensor columns, "
+      "Tensor candidates, Tensor candidate_lens, Tensor caps, int max_ranks) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Token trees (layout in tree.h): ancestor bitmasks from parent indices.
   m.def("tree_ancestor_masks(Tensor parents, Tensor cu_nodes, int words) -> Tensor");
   // Attention of every tree node over its request's paged KV prefix plus its

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_lookahead import LookaheadProposer, patches
+from vllm_lookahead import LookaheadProposer, ops, patches
 from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
 
@@ -212,3 +212,42 @@ def test_measured_budget_drops_trees_that_do_not_cover_the_step_cost(proposer):
     trained(proposer, threshold=0.3, tree_step_tokens=0.7)
     assert propose(proposer, {"a": history}) == [[]]
     assert proposer.tree_parents == {}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_tree_layout_matches_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi, shape):
+        return torch.randint(lo, hi + 1, shape, generator=gen, dtype=torch.int32)
+
+    batch, levels, width = (int(randint(lo, hi, ())) for lo, hi in ((1, 12), (1, 4), (1, 5)))
+    guesses, cont_len = int(randint(0, 6, ())), int(randint(1, levels, ()))
+    # A small vocabulary, so candidates share prefixes and the trie merges them.
+    args = (randint(0, 3, (batch, levels, width)), randint(1, levels, (batch,)),
+            randint(0, width, (batch,)), randint(0, 3, (batch, guesses, cont_len)),
+            randint(0, cont_len, (batch, guesses)),
+            randint(0, levels * width + guesses * cont_len + 2, (batch,)))
+    max_ranks = int(randint(1, 4, ()))
+    got = ops.lookahead_tree_layout(*args, max_ranks)
+    want = ops.reference_lookahead_tree_layout(*args, max_ranks)
+    for name, g, w in zip(("tokens", "parents", "classes", "num_nodes", "columns"), got, want):
+        assert torch.equal(g, w), name
+    assert (got[3] <= args[5]).all()
+
+
+def test_compiled_tree_layout_rejects_bad_input():
+    grids = torch.zeros(2, 2, 3, dtype=torch.int32)
+    ok = dict(filled=torch.ones(2, dtype=torch.int32),
+              columns=torch.full((2,), 3, dtype=torch.int32),
+              candidates=torch.zeros(2, 1, 2, dtype=torch.int32),
+              candidate_lens=torch.ones(2, 1, dtype=torch.int32),
+              caps=torch.full((2,), 9, dtype=torch.int32))
+    ops.lookahead_tree_layout(grids, *ok.values(), 8)
+    for key, bad, match in (("filled", torch.zeros(2, dtype=torch.int32), "filled"),
+                            ("columns", torch.full((2,), 4, dtype=torch.int32), "columns"),
+                            ("candidate_lens", torch.full((2, 1), 3, dtype=torch.int32),
+                             "candidate length"),
+                            ("caps", torch.ones(2, dtype=torch.int64), "caps")):
+        with pytest.raises(ValueError, match=match):
+            ops.lookahead_tree_layout(grids, *{**ok, key: bad}.values(), 8)

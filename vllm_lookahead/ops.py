@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from vllm_lookahead import _C  # noqa: F401  (registers torch.ops.vllm_lookahead)
+from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, tree_layout
 
 _ops = torch.ops.vllm_lookahead
 
@@ -445,6 +446,54 @@ def tree_accept_greedy(
     steers the scheduler, which runs on the host."""
     return _ops.tree_accept_greedy(parents, tokens, root_argmax, node_argmax,
                                    cu_nodes, max_depth)
+
+
+def lookahead_tree_layout(
+    grids: torch.Tensor,
+    filled: torch.Tensor,
+    columns: torch.Tensor,
+    candidates: torch.Tensor,
+    candidate_lens: torch.Tensor,
+    caps: torch.Tensor,
+    max_ranks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lookahead decoding's token trees of a whole batch in one call (CPU,
+    all int32). Per request b: its Jacobi window ``grids[b]`` [N-1, W] with
+    ``filled[b]`` levels, up to ``columns[b]`` window columns, and pool
+    candidates ``candidates[b]`` [G, cont_len] of which the first
+    ``candidate_lens[b, r]`` tokens are offered (0: none). Columns and
+    candidates are fitted under ``caps[b]`` nodes (``jacobi.fit_tree``), then
+    laid out as in ``jacobi.tree_layout`` (a candidate keeps its rank r for
+    its class). Returns tokens, parents and classes, each [batch, (N-1) * W +
+    G * cont_len] and valid up to ``num_nodes[b]``, then ``num_nodes`` and the
+    window columns used."""
+    return _ops.lookahead_tree_layout(grids, filled, columns, candidates, candidate_lens,
+                                      caps, max_ranks)
+
+
+def reference_lookahead_tree_layout(grids, filled, columns, candidates, candidate_lens,
+                                    caps, max_ranks):
+    """Per request: ``jacobi.fit_tree`` then ``jacobi.tree_layout`` (the
+    proposer's former Python loop)."""
+    grids, candidates, candidate_lens = grids.numpy(), candidates.numpy(), candidate_lens.numpy()
+    batch, levels, width = grids.shape
+    cont_len = candidates.shape[2]
+    out = np.zeros((3, batch, levels * width + candidates.shape[1] * cont_len), np.int32)
+    out[1:] = -1
+    num_nodes = np.zeros(batch, np.int32)
+    used_columns = np.zeros(batch, np.int32)
+    for b in range(batch):
+        ranks = np.nonzero(candidate_lens[b])[0].tolist()
+        kept = [candidates[b, r, :candidate_lens[b, r]].tolist() for r in ranks]
+        cap = int(caps[b])
+        w, g = fit_tree(cap, int(columns[b]), len(kept), int(filled[b]), cont_len)
+        window = JacobiWindow(levels=grids[b], filled=int(filled[b]))
+        tree = tree_layout(window, w, kept[:g], max_ranks, ranks[:g])
+        n = min(len(tree[0]), cap)
+        for k, x in enumerate(tree):
+            out[k, b, :n] = x[:n]
+        num_nodes[b], used_columns[b] = n, w
+    return (*torch.from_numpy(out), torch.from_numpy(num_nodes), torch.from_numpy(used_columns))
 
 
 def reference_tree_ancestor_masks(parents: torch.Tensor, cu_nodes: torch.Tensor,

@@ -66,14 +66,17 @@ def fit_tree(cap: int, window: int, guesses: int, filled: int, cont_len: int) ->
 
 
 def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
-                max_ranks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_ranks: int, ranks: list[int] | None = None,
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokens, parents (request-local, -1: the root) and classes of one
     step's tree: the first ``w`` columns of the filled levels, level by
     level, then the trie of ``candidates`` (most recent first, each at most
     ``cont_len`` tokens). A node's class is its place in the tree: level l,
     column j of the window is ``l * W + j``; depth d of the candidate of rank
-    r that first reaches it is ``(N-1) * W + min(r, max_ranks - 1) *
-    (N-1) + d``, so there are ``num_classes(N-1, W, max_ranks)`` classes."""
+    r (``ranks[i]`` for ``candidates[i]``, default i) that first reaches it
+    is ``(N-1) * W + min(r, max_ranks - 1) * (N-1) + d``, so there are
+    ``num_classes(N-1, W, max_ranks)`` classes. This is the reference of the
+    compiled ``ops.lookahead_tree_layout``, which the proposer calls."""
     filled = window.filled
     levels, columns = window.levels.shape
     la_tokens = window.levels[:filled, :w].reshape(-1)
@@ -82,7 +85,7 @@ def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
     la_classes = (np.arange(filled)[:, None] * columns + np.arange(w)).reshape(-1)
     tokens, parents, classes = la_tokens.tolist(), la_parents.tolist(), la_classes.tolist()
     children: dict[tuple[int, int], int] = {}
-    for rank, candidate in enumerate(candidates):
+    for rank, candidate in zip(ranks or range(len(candidates)), candidates):
         first = levels * columns + min(rank, max_ranks - 1) * levels
         parent = -1
         for depth, token in enumerate(candidate):

@@ -28,9 +28,10 @@ import torch
 
 from vllm_lookahead import patches
 from vllm_lookahead.config import LookaheadConfig
+from vllm_lookahead import ops
 from vllm_lookahead.ops import NgramPool
 from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
-from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
+from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.tree import runtime
 
 logger = logging.getLogger(__name__)
@@ -334,49 +335,60 @@ class LookaheadProposer:
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
         keys = self._pool_keys(rows, lengths, token_ids_cpu)
-        max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in self._overrides.values()])
+        overrides = [self._overrides.get(req_id, {}) for req_id in req_ids]
+        max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in overrides])
         candidates, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), max_guesses)
-        candidates, counts = candidates.numpy(), counts.numpy()
         self._stats[3] += len(rows)
         self._stats[4] += int((counts > 0).sum())
-        # Depths of each candidate rank that pay (a prefix).
+        windows = [self._window(req_id, token_ids_cpu[row, :n])
+                   for req_id, row, n in zip(req_ids, rows, lengths)]
+        filled = np.array([window.filled for window in windows], dtype=np.int32)
+        # Window columns that pay (a prefix), for each number of filled levels.
+        column_pays = (np.cumsum(column_value, axis=0)
+                       >= threshold * np.arange(1, levels + 1)[:, None])
+        paying_columns = np.concatenate([[0], np.cumprod(column_pays, axis=1).sum(axis=1)])
+        columns = np.minimum([min(o.get("window", cfg.window), cfg.window) for o in overrides],
+                             paying_columns[filled])
+        # Depths of each candidate rank that pay (a prefix), offered up to the
+        # request's guesses.
         depth_pays = np.cumprod(candidate_value >= threshold, axis=1).sum(axis=1)
-        trees, layouts = [], {}
-        for i, (req_id, row, n) in enumerate(zip(req_ids, rows, lengths)):
-            override = self._overrides.get(req_id, {})
-            window = self._windows.get(req_id)
-            if window is None:
-                window = self._windows[req_id] = JacobiWindow.from_context(
-                    token_ids_cpu[row, :n], levels, cfg.window)
-            filled = window.filled
-            w = min(override.get("window", cfg.window), cfg.window)
-            column_pays = column_value[:filled].sum(axis=0) >= threshold * filled
-            w = int(np.cumprod(column_pays[:w]).sum())
-            g = min(int(counts[i]), override.get("guesses", cfg.guesses))
-            kept = [candidates[i, r, :depth_pays[min(r, MAX_RANKS - 1)]].tolist()
-                    for r in range(g)]
-            kept = [c for c in kept if c]
-            cap = max(min(per_request, self.max_model_len - int(n)), 0)
-            w, g = fit_tree(cap, w, len(kept), filled, cont_len)
-            tokens, parents, classes = tree_layout(window, w, kept[:g], MAX_RANKS)
-            tokens, parents, classes = tokens[:cap], parents[:cap], classes[:cap]
-            if len(tokens):
-                layouts[req_id] = (w, filled, classes, parents)
-            trees.append(tokens)
-        if measured and layouts and self.cost.ready:
+        ranks = np.arange(max_guesses)
+        guesses = np.minimum(counts.numpy(), [o.get("guesses", cfg.guesses) for o in overrides])
+        candidate_lens = np.where(ranks < guesses[:, None],
+                                  depth_pays[np.minimum(ranks, MAX_RANKS - 1)], 0)
+        caps = np.clip(self.max_model_len - lengths, 0, per_request)
+        i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
+        layout = ops.lookahead_tree_layout(
+            i32(np.stack([window.levels for window in windows])), i32(filled), i32(columns),
+            candidates, i32(candidate_lens), i32(caps), MAX_RANKS)
+        tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
+        drafting = np.nonzero(num_nodes)[0]
+        if measured and len(drafting) and self.cost.ready:
             # The trees must also pay for the fixed cost of a tree step (by
             # the measured rates: classes not verified for a while drift
             # back to the prior and are tried again).
-            rate = self.values.rate()
-            gain = sum(float((rate[c] - threshold).sum()) for _, _, c, _ in layouts.values())
+            valid = np.arange(tokens.shape[1]) < num_nodes[:, None]
+            gain = float(np.where(valid, self.values.rate()[classes] - threshold, 0.0).sum())
             if gain < self.cost.fixed_cost_tokens():
-                layouts, trees = {}, [tokens[:0] for tokens in trees]
-        for req_id, (w, filled, classes, parents) in layouts.items():
-            self.tree_parents[req_id] = parents.tolist()
-            self._layouts[req_id] = (w, filled, classes)
-        self._stats[0] += len(layouts)
-        self._stats[1] += sum(len(t) for t in trees)
-        return [t.tolist() for t in trees]
+                drafting = drafting[:0]
+        trees: list[list[int]] = [[] for _ in req_ids]
+        for i in drafting:
+            n = num_nodes[i]
+            trees[i] = tokens[i, :n].tolist()
+            self.tree_parents[req_ids[i]] = parents[i, :n].tolist()
+            self._layouts[req_ids[i]] = (int(used_columns[i]), int(filled[i]), classes[i, :n])
+        self._stats[0] += len(drafting)
+        self._stats[1] += int(num_nodes[drafting].sum())
+        return trees
+
+    def _window(self, req_id: str, context: np.ndarray) -> JacobiWindow:
+        """The request's Jacobi window, initialised from its context on
+        first use."""
+        window = self._windows.get(req_id)
+        if window is None:
+            window = self._windows[req_id] = JacobiWindow.from_context(
+                context, self.config.ngram - 1, self.config.window)
+        return window
 
     def observe_verification(self, req_ids: list[str], argmax: np.ndarray,
                              cu_rows: np.ndarray, accepted: np.ndarray,
