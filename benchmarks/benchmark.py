@@ -96,7 +96,8 @@ def prompt_texts(model: str, prompts: list[Prompt]) -> list[str]:
     return [p.text if p.raw else c for p, c in zip(prompts, chat)]
 
 
-def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> list[Method]:
+def build_methods(names: list[str], k: int, tree_k: int, draft: str | None,
+                  staged_k: int | None = None) -> list[Method]:
     methods = []
     for name in names:
         if name == "plain":
@@ -124,7 +125,7 @@ def build_methods(names: list[str], k: int, tree_k: int, draft: str | None) -> l
                 raise SystemExit(f"method {name} needs --draft-model")
             # Linear: the same chain length as vLLM's draft_model; tree: the
             # tree budget.
-            methods.append(staged_method(draft, k if "linear" in name else tree_k,
+            methods.append(staged_method(draft, k if "linear" in name else staged_k or tree_k,
                                          **STAGED[name]))
         else:
             raise SystemExit(f"unknown method {name!r}; known: {', '.join(METHODS)}")
@@ -338,6 +339,8 @@ def main() -> None:
                         help="num_speculative_tokens of ngram, suffix and linear lookahead")
     parser.add_argument("--tree-k", type=int, default=16,
                         help="num_speculative_tokens (nodes per tree) of tree lookahead")
+    parser.add_argument("--staged-k", type=int,
+                        help="nodes per tree of the staged tree methods (default: --tree-k)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every engine eagerly (no torch.compile: much faster "
@@ -352,7 +355,7 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     model = resolve_model(args.model)
     draft = resolve_model(args.draft_model)
-    methods = build_methods(args.methods.split(","), args.k, args.tree_k, draft)
+    methods = build_methods(args.methods.split(","), args.k, args.tree_k, draft, args.staged_k)
     out_dir = args.out or REPO / "benchmarks" / "results" / (
         f"{Path(args.model).name}-{'quick' if args.quick else 'full'}")
     out_dir.mkdir(parents=True, exist_ok=True)
