@@ -30,6 +30,7 @@ LAYOUTS = {"compiled": ops.lookahead_tree_layout,
 
 
 def make_proposer(batch: int, max_len: int, lookahead: dict) -> LookaheadProposer:
+    patches.apply_all()  # the proposer checks that the vLLM plugin is active
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=64),
         model_config=SimpleNamespace(max_model_len=max_len, get_vocab_size=lambda: 32000,
@@ -79,7 +80,6 @@ def main() -> None:
     parser.add_argument("--guesses", type=int, default=3)
     parser.add_argument("--ngram", type=int, default=3)
     args = parser.parse_args()
-    patches.apply_all()
     lookahead = {"window": args.window, "guesses": args.guesses, "ngram": args.ngram}
     print(f"tree mode W={args.window} G={args.guesses} N={args.ngram}, static budget, "
           f"{args.steps} steps, host ms per step (propose + observe_verification)")

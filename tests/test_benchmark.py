@@ -100,3 +100,11 @@ def test_benchmark_runs_end_to_end(smollm2, tmp_path):
     assert (out / "results.md").read_text().count("| yes |") == 4
     assert (out / "speedup_by_category.png").stat().st_size > 0
     assert (out / "speedup_by_batch.png").stat().st_size > 0
+
+
+def test_proposer_host_time_benchmark_runs():
+    from benchmarks.bench_proposer import run
+
+    seconds = run(batch=4, steps=8, prompt_len=64, vocab=50,
+                  lookahead={"window": 3, "guesses": 3, "ngram": 3})
+    assert 0 < seconds < 1
