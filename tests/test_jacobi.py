@@ -143,13 +143,15 @@ def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
     assert cost.threshold() == 0.0  # nothing verified is cut before the fit
     for step in range(200):
         n_plain, n_tree = int(rng.integers(1, 40)), int(rng.integers(0, 60)) * (step % 3 > 0)
-        forward = 0.05 + 0.01 * (n_tree > 0) + 0.002 * n_plain + 0.005 * n_tree
+        n_trees = int(rng.integers(1, 9)) if n_tree else 0
+        forward = 0.05 + 0.01 * (n_tree > 0) + 0.003 * n_trees + 0.002 * n_plain + 0.005 * n_tree
         # 20 ms of host work around each forward; now and then the engine
         # sat idle before a step.
-        cost.observe(n_plain, n_tree, forward, forward + 0.02 + 30.0 * (step % 50 == 7),
-                     produced=8)
+        cost.observe(n_plain, n_tree, n_trees, forward,
+                     forward + 0.02 + 30.0 * (step % 50 == 7), produced=8)
     assert cost.ready
     assert cost.node_seconds == pytest.approx(0.005, rel=1e-3)
+    assert cost.tree_seconds == pytest.approx(0.003, rel=3e-2)
     assert cost.tree_step_seconds == pytest.approx(0.01, rel=1e-2)
     assert cost.overhead_seconds == pytest.approx(0.02)
     # A node must be accepted more often than the tokens produced meanwhile.
@@ -171,14 +173,16 @@ def test_node_values_learn_rates_and_reexplore_cut_classes():
     assert values.estimate()[1] > before + 0.1
 
 
-def trained(proposer, threshold, tree_step_tokens=0.0, window_rate=0.05, candidate_rate=0.9):
-    """The proposer with a fitted budget: the given acceptance threshold and
-    fixed tree-step cost (in tokens), window nodes accepted at
+def trained(proposer, threshold, tree_step_tokens=0.0, window_rate=0.05, candidate_rate=0.9,
+            tree_tokens=0.0):
+    """The proposer with a fitted budget: the given acceptance threshold,
+    fixed tree-step and per-tree costs (in tokens), window nodes accepted at
     ``window_rate``, candidates' first nodes at ``candidate_rate`` and their
     second nodes never."""
     cost, values = proposer.cost, proposer.values
     cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
-    cost._coef = np.array([0.0, tree_step_tokens / 100, 0.0, threshold / 100])
+    cost._coef = np.array([0.0, tree_step_tokens / 100, tree_tokens / 100, 0.0,
+                           threshold / 100])
     levels, window = proposer.config.ngram - 1, proposer.config.window
     values.offered[:] = 1e4
     values.accepted[:levels * window] = 1e4 * window_rate
@@ -212,6 +216,19 @@ def test_measured_budget_drops_trees_that_do_not_cover_the_step_cost(proposer):
     trained(proposer, threshold=0.3, tree_step_tokens=0.7)
     assert propose(proposer, {"a": history}) == [[]]
     assert proposer.tree_parents == {}
+
+
+def test_measured_budget_drops_trees_that_do_not_cover_their_own_cost(proposer):
+    # "a" repeats itself (a candidate accepted 90% of the time), "b" does not
+    # (only window nodes, 5%): at 0.02 per node "b"'s tree gains 3 x 0.03.
+    rows = {"a": [1, 2, 3, 4, 1, 2, 5, 1], "b": [7, 8, 9, 10, 11, 12]}
+    trained(proposer, threshold=0.02, tree_tokens=0.05)
+    drafts = propose(proposer, rows)
+    assert len(drafts[0]) == 4 and len(drafts[1]) == 3
+    trained(proposer, threshold=0.02, tree_tokens=0.5)
+    drafts = propose(proposer, rows)
+    assert len(drafts[0]) == 4 and drafts[1] == []
+    assert set(proposer.tree_parents) == {"a"}
 
 
 @pytest.mark.parametrize("seed", range(40))

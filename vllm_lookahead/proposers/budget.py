@@ -3,17 +3,19 @@
 A tree node costs target compute; it pays back only if it is accepted. The
 engine's step time is fitted online as
 
-    t = a + c * [step has trees] + b_plain * n_plain + b_tree * n_tree
+    t = a + c * [step has trees] + d * n_trees
+          + b_plain * n_plain + b_tree * n_tree
 
 (exponentially weighted least squares over recent steps: ``n_tree`` tree
-nodes, ``n_plain`` other scheduled tokens, ``c`` the fixed cost of a tree
-step). Adding a node with acceptance probability p to a step that produces
+nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
+``c`` the fixed cost of a tree step, ``d`` that of one request's tree: the
+runtime's per-request work in every layer). Adding a node with acceptance probability p to a step that produces
 T tokens in time t raises throughput T / t iff p > b_tree * T / t: the node
 must be accepted more often than the tokens the engine produces in the time
 the node costs. ``threshold()`` is that bar; it rises with the batch (T / t
 grows with the number of running requests) and falls back as the load goes
-down. A step keeps its trees only if their expected net gain beats the fixed
-cost ``c``.
+down. A request keeps its tree only if the tree's expected net gain beats
+``d``, and a step keeps its trees only if their total net gain beats ``c``.
 
 Times come from the engine itself (``step_started`` at the start of each
 forward, ``bind_batch`` after it), so the policy adapts to the hardware, the
@@ -52,7 +54,7 @@ class StepCostModel:
     it; the host overhead around the forward is the median over recent
     steps, for the same reason."""
 
-    FEATURES = 4  # 1, has trees, n_plain, n_tree
+    FEATURES = 5  # 1, has trees, n_trees, n_plain, n_tree
 
     def __init__(self) -> None:
         self._xtx = np.zeros((self.FEATURES, self.FEATURES))
@@ -64,18 +66,20 @@ class StepCostModel:
         self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
 
     @staticmethod
-    def _features(n_plain: int, n_tree: int) -> np.ndarray:
-        return np.array([1.0, float(n_tree > 0), float(n_plain), float(n_tree)])
+    def _features(n_plain: int, n_tree: int, n_trees: int) -> np.ndarray:
+        return np.array([1.0, float(n_tree > 0), float(n_trees), float(n_plain),
+                         float(n_tree)])
 
-    def predict(self, n_plain: int, n_tree: int) -> float:
+    def predict(self, n_plain: int, n_tree: int, n_trees: int) -> float:
         """Forward seconds of a step scheduling these tokens."""
-        return float(self._features(n_plain, n_tree) @ self._coef)
+        return float(self._features(n_plain, n_tree, n_trees) @ self._coef)
 
-    def observe(self, n_plain: int, n_tree: int, forward_seconds: float,
+    def observe(self, n_plain: int, n_tree: int, n_trees: int, forward_seconds: float,
                 step_seconds: float | None, produced: int) -> None:
-        """One engine step: scheduled tokens, forward time, time since the
-        previous step (None for the first), tokens produced."""
-        x = self._features(n_plain, n_tree)
+        """One engine step: scheduled tokens (``n_tree`` of them in
+        ``n_trees`` trees), forward time, time since the previous step (None
+        for the first), tokens produced."""
+        x = self._features(n_plain, n_tree, n_trees)
         self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
         self._xty = TIME_DECAY * self._xty + x * forward_seconds
         self._tokens = TIME_DECAY * self._tokens + produced
@@ -97,11 +101,16 @@ class StepCostModel:
     @property
     def node_seconds(self) -> float:
         """Marginal cost of one tree node (falls back to a plain token's)."""
-        return float(self._coef[3] if self._coef[3] > 0 else self._coef[2])
+        return float(self._coef[4] if self._coef[4] > 0 else self._coef[3])
 
     @property
     def tree_step_seconds(self) -> float:
         return float(self._coef[1])
+
+    @property
+    def tree_seconds(self) -> float:
+        """Cost of one request's tree beyond its nodes."""
+        return float(self._coef[2])
 
     @property
     def overhead_seconds(self) -> float:
@@ -125,6 +134,10 @@ class StepCostModel:
         """The fixed cost of a tree step, in tokens the engine would produce
         meanwhile."""
         return self.tree_step_seconds * self.tokens_per_second if self.ready else 0.0
+
+    def tree_cost_tokens(self) -> float:
+        """The cost of one request's tree beyond its nodes, in tokens."""
+        return self.tree_seconds * self.tokens_per_second if self.ready else 0.0
 
 
 class NodeValues:

@@ -94,9 +94,10 @@ class LookaheadProposer:
                                              MAX_RANKS))
         self._last_bind: float | None = None
         self._forward_started: float | None = None
-        # n_plain, n_tree, forward seconds, step seconds of the last step.
-        self._step: tuple[int, int, float, float | None] | None = None
-        self._drafted = 0
+        # n_plain, n_tree, n_trees, forward seconds, step seconds of the last step.
+        self._step: tuple[int, int, int, float, float | None] | None = None
+        self._drafted = 0  # draft tokens of the last step
+        self._drafted_trees = 0  # requests with a tree in the last step
         self._proposer_seconds = 0.0
         self._step_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
@@ -123,7 +124,8 @@ class LookaheadProposer:
         now = time.perf_counter()
         if self._forward_started is not None and scheduled_tokens is not None:
             n_tree = min(self._drafted, scheduled_tokens)
-            self._step = (scheduled_tokens - n_tree, n_tree, now - self._forward_started,
+            self._step = (scheduled_tokens - n_tree, n_tree, self._drafted_trees,
+                          now - self._forward_started,
                           None if self._last_bind is None else now - self._last_bind)
         self._last_bind, self._forward_started = now, None
         self._batch_req_ids = req_ids
@@ -201,13 +203,14 @@ class LookaheadProposer:
         self._batch_req_ids = None
         started = time.perf_counter()
         if self._step is not None:
-            n_plain, n_tree, forward, step = self._step
+            n_plain, n_tree, n_trees, forward, step = self._step
             self._step = None
-            self.cost.observe(n_plain, n_tree, forward, step,
+            self.cost.observe(n_plain, n_tree, n_trees, forward, step,
                               sum(len(sampled) for sampled in sampled_token_ids))
             self._step_seconds += forward + self.cost.overhead_seconds
         drafts = self._propose(req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         self._drafted = sum(len(d) for d in drafts)
+        self._drafted_trees = len(self.tree_parents or ())
         self._proposer_seconds += time.perf_counter() - started
         self._steps += 1
         if self._steps % STATS_EVERY_STEPS == 0:
@@ -364,12 +367,15 @@ class LookaheadProposer:
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
         drafting = np.nonzero(num_nodes)[0]
         if measured and len(drafting) and self.cost.ready:
-            # The trees must also pay for the fixed cost of a tree step (by
-            # the measured rates: classes not verified for a while drift
-            # back to the prior and are tried again).
+            # Each tree must also pay for its own fixed cost, and the trees
+            # together for that of a tree step (by the measured rates:
+            # classes not verified for a while drift back to the prior and
+            # are tried again).
             valid = np.arange(tokens.shape[1]) < num_nodes[:, None]
-            gain = float(np.where(valid, self.values.rate()[classes] - threshold, 0.0).sum())
-            if gain < self.cost.fixed_cost_tokens():
+            gain = np.where(valid, self.values.rate()[classes] - threshold, 0.0).sum(axis=1)
+            gain -= self.cost.tree_cost_tokens()
+            drafting = drafting[gain[drafting] > 0]
+            if gain[drafting].sum() < self.cost.fixed_cost_tokens():
                 drafting = drafting[:0]
         trees: list[list[int]] = [[] for _ in req_ids]
         for i in drafting:
@@ -431,12 +437,13 @@ class LookaheadProposer:
         logger.info(
             "vllm_lookahead: %d steps, %d with trees: %.1f nodes and %.2f accepted "
             "tokens per tree (tokens per target forward: %.2f), pool hit rate "
-            "%.0f%%; budget: node cost %.2f ms, tree-step cost %.2f ms, host "
+            "%.0f%%; budget: node cost %.2f ms, tree cost %.2f ms, tree-step cost %.2f ms, host "
             "overhead %.1f ms/step, %.1f tok/s, acceptance threshold %.2f; "
             "proposer %.1f%% of step time",
             self._steps, trees, nodes / max(trees, 1), accepted_total / max(trees, 1),
             1 + accepted_total / max(trees, 1), 100 * hits / max(lookups, 1),
-            1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_step_seconds,
+            1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_seconds,
+            1e3 * self.cost.tree_step_seconds,
             1e3 * self.cost.overhead_seconds,
             self.cost.tokens_per_second, self.cost.threshold(),
             100 * self._proposer_seconds / max(self._step_seconds, 1e-9))
