@@ -157,6 +157,10 @@ def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
     # A node must be accepted more often than the tokens produced meanwhile.
     assert cost.threshold() == pytest.approx(0.005 * cost.tokens_per_second, rel=1e-3)
     assert 8 / 0.4 < cost.tokens_per_second < 8 / 0.07
+    # The bar for a batch of 8 decoding requests: the fitted plain step of 8
+    # tokens plus the host overhead.
+    assert cost.decode_rate(8) == pytest.approx(8 / (0.05 + 8 * 0.002 + 0.02), rel=1e-2)
+    assert cost.threshold(8) == pytest.approx(0.005 * cost.decode_rate(8), rel=1e-3)
 
 
 def test_node_values_learn_rates_and_reexplore_cut_classes():

@@ -12,9 +12,9 @@ nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
 runtime's per-request work in every layer). Adding a node with acceptance probability p to a step that produces
 T tokens in time t raises throughput T / t iff p > b_tree * T / t: the node
 must be accepted more often than the tokens the engine produces in the time
-the node costs. ``threshold()`` is that bar; it rises with the batch (T / t
-grows with the number of running requests) and falls back as the load goes
-down. A request keeps its tree only if the tree's expected net gain beats
+the node costs. ``threshold()`` is that bar, with T / t the fitted rate of a
+plain decode step of the current batch (prefill chunks left out); it rises
+with the batch and falls back as the load goes down. A request keeps its tree only if the tree's expected net gain beats
 ``d``, and a step keeps its trees only if their total net gain beats ``c``.
 
 Times come from the engine itself (``step_started`` at the start of each
@@ -125,19 +125,30 @@ class StepCostModel:
         steps = (1 - TIME_DECAY ** self._steps) / (1 - TIME_DECAY)
         return self._tokens / (self._forward_seconds + steps * self.overhead_seconds)
 
-    def threshold(self) -> float:
-        """Acceptance probability a node needs to pay for itself (0 until
-        the fit is trusted)."""
-        return self.node_seconds * self.tokens_per_second if self.ready else 0.0
+    def decode_rate(self, n_requests: int | None = None) -> float:
+        """Tokens per second of a plain decode step of ``n_requests``
+        requests, by the fit (prefill chunks and idle gaps left out, so the
+        rate follows the load at once); the recent throughput where the fit
+        cannot tell."""
+        if n_requests:
+            seconds = self.predict(n_requests, 0, 0) + self.overhead_seconds
+            if seconds > 0:
+                return n_requests / seconds
+        return self.tokens_per_second
 
-    def fixed_cost_tokens(self) -> float:
+    def threshold(self, n_requests: int | None = None) -> float:
+        """Acceptance probability a node needs to pay for itself in a step
+        of ``n_requests`` decoding requests (0 until the fit is trusted)."""
+        return self.node_seconds * self.decode_rate(n_requests) if self.ready else 0.0
+
+    def fixed_cost_tokens(self, n_requests: int | None = None) -> float:
         """The fixed cost of a tree step, in tokens the engine would produce
         meanwhile."""
-        return self.tree_step_seconds * self.tokens_per_second if self.ready else 0.0
+        return self.tree_step_seconds * self.decode_rate(n_requests) if self.ready else 0.0
 
-    def tree_cost_tokens(self) -> float:
+    def tree_cost_tokens(self, n_requests: int | None = None) -> float:
         """The cost of one request's tree beyond its nodes, in tokens."""
-        return self.tree_seconds * self.tokens_per_second if self.ready else 0.0
+        return self.tree_seconds * self.decode_rate(n_requests) if self.ready else 0.0
 
 
 class NodeValues:

@@ -98,6 +98,7 @@ class LookaheadProposer:
         self._step: tuple[int, int, int, float, float | None] | None = None
         self._drafted = 0  # draft tokens of the last step
         self._drafted_trees = 0  # requests with a tree in the last step
+        self._threshold = 0.0  # acceptance bar of the last tree step
         self._proposer_seconds = 0.0
         self._step_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
@@ -333,7 +334,8 @@ class LookaheadProposer:
         if cfg.max_tree_tokens:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
         measured = cfg.budget == "measured"
-        threshold = self.cost.threshold() if measured else 0.0
+        threshold = self.cost.threshold(len(rows)) if measured else 0.0
+        self._threshold = threshold
         value = self.values.estimate()
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
@@ -373,9 +375,9 @@ class LookaheadProposer:
             # are tried again).
             valid = np.arange(tokens.shape[1]) < num_nodes[:, None]
             gain = np.where(valid, self.values.rate()[classes] - threshold, 0.0).sum(axis=1)
-            gain -= self.cost.tree_cost_tokens()
+            gain -= self.cost.tree_cost_tokens(len(rows))
             drafting = drafting[gain[drafting] > 0]
-            if gain[drafting].sum() < self.cost.fixed_cost_tokens():
+            if gain[drafting].sum() < self.cost.fixed_cost_tokens(len(rows)):
                 drafting = drafting[:0]
         trees: list[list[int]] = [[] for _ in req_ids]
         for i in drafting:
@@ -445,5 +447,5 @@ class LookaheadProposer:
             1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_seconds,
             1e3 * self.cost.tree_step_seconds,
             1e3 * self.cost.overhead_seconds,
-            self.cost.tokens_per_second, self.cost.threshold(),
+            self.cost.tokens_per_second, self._threshold,
             100 * self._proposer_seconds / max(self._step_seconds, 1e-9))
