@@ -10,8 +10,9 @@ run; greedy outputs are compared with plain vLLM's in the same run. Writes
 
 Metrics per (method, batch size, category): tokens/s, time to first token
 and time per output token (engine timestamps per request), tokens per target
-forward (compression: output tokens / ``common.target_forwards``), mean accepted tokens per drafted step and their histogram (from
-vLLM's per-position acceptance counters).
+forward (compression: output tokens / ``common.target_forwards``), mean
+accepted tokens per drafted step and their histogram (from vLLM's
+per-position acceptance counters).
 """
 
 from __future__ import annotations

@@ -9,13 +9,15 @@ engine's step time is fitted online as
 (exponentially weighted least squares over recent steps: ``n_tree`` tree
 nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
 ``c`` the fixed cost of a tree step, ``d`` that of one request's tree: the
-runtime's per-request work in every layer). Adding a node with acceptance probability p to a step that produces
-T tokens in time t raises throughput T / t iff p > b_tree * T / t: the node
-must be accepted more often than the tokens the engine produces in the time
-the node costs. ``threshold()`` is that bar, with T / t the fitted rate of a
-plain decode step of the current batch (prefill chunks left out); it rises
-with the batch and falls back as the load goes down. A request keeps its tree only if the tree's expected net gain beats
-``d``, and a step keeps its trees only if their total net gain beats ``c``.
+runtime's per-request work in every layer). Adding a node with acceptance
+probability p to a step that produces T tokens in time t raises throughput
+T / t iff p > b_tree * T / t: the node must be accepted more often than the
+tokens the engine produces in the time the node costs. ``threshold()`` is
+that bar, with T / t the fitted rate of a plain decode step of the current
+batch (prefill chunks left out); it rises with the batch and falls back as
+the load goes down. A request keeps its tree only if the tree's expected
+net gain beats ``d``, and a step keeps its trees only if their total net
+gain beats ``c``.
 
 Times come from the engine itself (``step_started`` at the start of each
 forward, ``bind_batch`` after it), so the policy adapts to the hardware, the
