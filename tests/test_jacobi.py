@@ -163,6 +163,20 @@ def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
     assert cost.threshold(8) == pytest.approx(0.005 * cost.decode_rate(8), rel=1e-3)
 
 
+def test_step_cost_fit_remembers_tree_costs_while_no_tree_runs():
+    cost = StepCostModel()
+    for step in range(200):
+        n_tree = 8 * (step % 2)
+        cost.observe(4, n_tree, 4 if n_tree else 0,
+                     0.05 + 0.07 * (n_tree > 0) + 0.002 * 4 + 0.004 * n_tree, None, produced=4)
+    extra = lambda: cost.predict(4, 8, 4) - cost.predict(4, 0, 0)  # noqa: E731
+    assert extra() == pytest.approx(0.07 + 0.004 * 8, rel=1e-2)
+    # A long stretch without trees: what a tree step costs is not forgotten.
+    for _ in range(1000):
+        cost.observe(4, 0, 0, 0.05 + 0.002 * 4, None, produced=4)
+    assert extra() == pytest.approx(0.07 + 0.004 * 8, rel=1e-2)
+
+
 def test_node_values_learn_rates_and_reexplore_cut_classes():
     values = NodeValues(3)
     assert (values.estimate() > 0.6).all()  # untried classes are tried first

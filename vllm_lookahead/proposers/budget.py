@@ -46,6 +46,10 @@ COUNT_DECAY = 0.99
 # step time outside the forward) gives its median.
 OVERHEAD_WINDOW = 64
 EXPLORATION = 0.15
+# Decayed count of recent tree steps below which the fit cannot tell the
+# tree costs (c, d, b_tree) and keeps their last estimates.
+MIN_TREE_WEIGHT = 4.0
+TREE_COSTS = [1, 2, 4]  # c, d, b_tree in the fit's coefficients
 
 
 class StepCostModel:
@@ -63,6 +67,8 @@ class StepCostModel:
         self._xty = np.zeros(self.FEATURES)
         self._coef = np.zeros(self.FEATURES)
         self._steps = 0
+        self._tree_weight = 0.0
+        self._tree_costs: np.ndarray | None = None  # c, d, b_tree when last told
         self._tokens = 0.0
         self._forward_seconds = 0.0
         self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
@@ -84,6 +90,7 @@ class StepCostModel:
         x = self._features(n_plain, n_tree, n_trees)
         self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
         self._xty = TIME_DECAY * self._xty + x * forward_seconds
+        self._tree_weight = TIME_DECAY * self._tree_weight + float(n_tree > 0)
         self._tokens = TIME_DECAY * self._tokens + produced
         self._forward_seconds = TIME_DECAY * self._forward_seconds + forward_seconds
         if step_seconds is not None:
@@ -94,6 +101,13 @@ class StepCostModel:
         ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
         coef = np.linalg.solve(self._xtx + ridge * np.eye(self.FEATURES), self._xty)
         coef[1:] = np.maximum(coef[1:], 0.0)
+        if self._tree_weight >= MIN_TREE_WEIGHT:
+            self._tree_costs = coef[TREE_COSTS].copy()
+        elif self._tree_costs is not None:
+            # Steps without trees say nothing of what trees cost: keep the
+            # last estimates rather than let the ridge pull them to zero,
+            # which would let trees back in only to pay those costs again.
+            coef[TREE_COSTS] = self._tree_costs
         self._coef = coef
 
     @property
