@@ -26,9 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_lookahead import patches
+from vllm_lookahead import ops, patches
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead import ops
 from vllm_lookahead.ops import NgramPool
 from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
@@ -43,6 +42,10 @@ STATS_EVERY_STEPS = int(os.environ.get("VLLM_LOOKAHEAD_LOG_EVERY", "500"))
 # Candidate ranks with their own acceptance estimates (later ranks share the
 # last one's).
 MAX_RANKS = 8
+
+
+def _int32(array) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int32))
 
 
 class LookaheadProposer:
@@ -362,10 +365,9 @@ class LookaheadProposer:
         candidate_lens = np.where(ranks < guesses[:, None],
                                   depth_pays[np.minimum(ranks, MAX_RANKS - 1)], 0)
         caps = np.clip(self.max_model_len - lengths, 0, per_request)
-        i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32))
         layout = ops.lookahead_tree_layout(
-            i32(np.stack([window.levels for window in windows])), i32(filled), i32(columns),
-            candidates, i32(candidate_lens), i32(caps), MAX_RANKS)
+            _int32(np.stack([window.levels for window in windows])), _int32(filled),
+            _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS)
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
         drafting = np.nonzero(num_nodes)[0]
         if measured and len(drafting) and self.cost.ready:
