@@ -7,6 +7,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def fit_costs(cost, threshold: float, step_tokens: float = 0.0, draft_tokens: float = 0.0):
+    """Give a ``StepCostModel`` a fitted state: a node's acceptance bar
+    ``threshold``, the fixed cost of a drafting step and of one request's
+    draft, in tokens."""
+    import numpy as np
+
+    cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
+    cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100])
+    return cost
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> str:
     """SmolLM2-135M-Instruct as an HF directory (fetched and converted once)."""

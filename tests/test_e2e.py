@@ -21,7 +21,10 @@ def plain_llm(smollm2):
 
 @pytest.fixture(scope="module")
 def lookahead_llm(smollm2):
-    llm = make_llm(smollm2, lookahead_method(k=6, mode="linear"), max_num_seqs=8)
+    # Static budget: every chain the pool finds is verified (the measured
+    # budget may cut them all on a slow machine; tested below).
+    llm = make_llm(smollm2, lookahead_method(k=6, mode="linear", budget="static"),
+                   max_num_seqs=8)
     yield llm
     del llm
 
@@ -64,6 +67,20 @@ def test_greedy_output_is_identical_to_plain_vllm(plain_llm, lookahead_llm,
     assert "length" in reasons
     # The comparison is only meaningful if speculation actually happened.
     assert accepted > 0
+
+
+def test_measured_budget_is_exact(plain_llm, smollm2, spec_bench_prompts):
+    """The default linear mode: chains cut (or dropped) by the measured
+    budget, continuously batched."""
+    from vllm import SamplingParams
+
+    params = [SamplingParams(temperature=0.0, max_tokens=32 + 8 * (i % 3))
+              for i in range(len(spec_bench_prompts))]
+    reference = token_ids(plain_llm.generate(spec_bench_prompts, params, use_tqdm=False))
+    llm = make_llm(smollm2, lookahead_method(k=6, mode="linear"), max_num_seqs=8)
+    outputs = token_ids(llm.generate(spec_bench_prompts, params, use_tqdm=False))
+    del llm
+    assert outputs == reference
 
 
 def test_greedy_requests_stay_exact_next_to_sampled_ones(plain_llm, lookahead_llm,

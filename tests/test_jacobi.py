@@ -1,14 +1,16 @@
 """The lookahead branch without an engine: window warm-up and update, tree
 layout, budget fitting, and the tree-mode proposer's bookkeeping."""
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, ops, patches
-from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
+from vllm_lookahead.proposers.budget import MIN_STEPS, NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
 
 
@@ -63,12 +65,19 @@ def proposer():
                                      dtype=torch.float32, get_sliding_window=lambda: None),
         device_config=SimpleNamespace(device_type="cpu"),
         scheduler_config=SimpleNamespace(max_num_seqs=4),
-        additional_config={"lookahead": {"ngram": 3, "window": 3, "guesses": 2}},
+        additional_config={"lookahead": {"ngram": 3, "window": 3, "guesses": 2,
+                                         "budget": "static"}},
     )
     return LookaheadProposer(config)
 
 
-def propose(proposer, rows, extra_args=None):
+def propose(proposer, rows, extra_args=None, scheduled_tokens=None):
+    """One step of the proposer; with ``scheduled_tokens``, after a forward
+    of that many tokens taking 10 ms + 1 ms per token (for the budget's
+    step-time fit)."""
+    if scheduled_tokens is not None:
+        proposer.step_started()
+        proposer._forward_started -= 0.01 + 0.001 * scheduled_tokens
     req_ids = list(rows)
     tokens = np.zeros((len(rows), 64), dtype=np.int32)
     for i, history in enumerate(rows.values()):
@@ -76,7 +85,8 @@ def propose(proposer, rows, extra_args=None):
     lengths = np.array([len(h) for h in rows.values()], dtype=np.int32)
     proposer.bind_batch(req_ids, [True] * len(rows), trees_verified=True,
                         prompt_lens=[len(h) for h in rows.values()],
-                        extra_args=extra_args or [None] * len(rows))
+                        extra_args=extra_args or [None] * len(rows),
+                        scheduled_tokens=scheduled_tokens)
     return proposer.propose([[h[-1]] for h in rows.values()], lengths, tokens)
 
 
@@ -121,8 +131,7 @@ def test_per_request_overrides(proposer):
 
 
 def test_budget_shrinks_trees_as_the_batch_grows(proposer):
-    proposer.config = proposer.config.__class__(ngram=3, window=3, guesses=2,
-                                                max_tree_tokens=12)
+    proposer.config = dataclasses.replace(proposer.config, max_tree_tokens=12)
     history = [1, 2, 3, 4, 1, 2, 5, 1]
     rows = {r: history for r in "abcd"}
     drafts = propose(proposer, rows)
@@ -140,7 +149,7 @@ def test_no_tree_past_max_model_len(proposer):
 def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
     rng = np.random.default_rng(0)
     cost = StepCostModel()
-    assert cost.threshold() == 0.0  # nothing verified is cut before the fit
+    assert cost.threshold() == np.inf  # nothing is verified before the fit
     for step in range(200):
         n_plain, n_tree = int(rng.integers(1, 40)), int(rng.integers(0, 60)) * (step % 3 > 0)
         n_trees = int(rng.integers(1, 9)) if n_tree else 0
@@ -193,14 +202,13 @@ def test_node_values_learn_rates_and_reexplore_cut_classes():
 
 def trained(proposer, threshold, tree_step_tokens=0.0, window_rate=0.05, candidate_rate=0.9,
             tree_tokens=0.0):
-    """The proposer with a fitted budget: the given acceptance threshold,
-    fixed tree-step and per-tree costs (in tokens), window nodes accepted at
-    ``window_rate``, candidates' first nodes at ``candidate_rate`` and their
-    second nodes never."""
-    cost, values = proposer.cost, proposer.values
-    cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
-    cost._coef = np.array([0.0, tree_step_tokens / 100, tree_tokens / 100, 0.0,
-                           threshold / 100])
+    """The proposer with a fitted measured budget: the given acceptance
+    threshold, fixed tree-step and per-tree costs (in tokens), window nodes
+    accepted at ``window_rate``, candidates' first nodes at
+    ``candidate_rate`` and their second nodes never."""
+    proposer.config = dataclasses.replace(proposer.config, budget="measured")
+    fit_costs(proposer.cost, threshold, tree_step_tokens, tree_tokens)
+    values = proposer.values
     levels, window = proposer.config.ngram - 1, proposer.config.window
     values.offered[:] = 1e4
     values.accepted[:levels * window] = 1e4 * window_rate
@@ -208,6 +216,21 @@ def trained(proposer, threshold, tree_step_tokens=0.0, window_rate=0.05, candida
     values.accepted[first] = 1e4 * candidate_rate
     values.accepted[first + 1] = 0.0
     return proposer
+
+
+def test_measured_budget_verifies_no_tree_until_it_knows_a_plain_step(proposer):
+    proposer.config = dataclasses.replace(proposer.config, budget="measured")
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    # A prefill, then plain decode steps: no tree while the fit is not ready.
+    for scheduled in [40] + [1] * (MIN_STEPS - 2):
+        assert propose(proposer, {"a": history}, scheduled_tokens=scheduled) == [[]]
+        assert proposer.tree_parents == {}
+    # Those steps gave the cost of a token, and a node is assumed to cost as
+    # much: at batch 1 the whole tree of untried (optimistically valued)
+    # classes clears that bar.
+    drafts = propose(proposer, {"a": history}, scheduled_tokens=1)
+    assert proposer.cost.ready and 0 < proposer._threshold < 0.5
+    assert len(drafts[0]) == 6
 
 
 def test_measured_budget_keeps_only_nodes_that_pay(proposer):

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, patches
 
 
@@ -22,7 +23,7 @@ def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
                                      get_vocab_size=lambda: 100),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         additional_config={"lookahead": {"mode": "linear", "ngram": 3, "key_len": 1,
-                                         **lookahead}},
+                                         "budget": "static", **lookahead}},
     )
     return LookaheadProposer(config)
 
@@ -67,6 +68,35 @@ def test_adaptive_draft_length_follows_acceptance():
     assert len(step(proposer, {"a": history}, accepted=[4])[0]) == 8
     # Nothing accepted: a single probing token.
     assert len(step(proposer, {"a": history}, accepted=[0])[0]) == 1
+
+
+def test_measured_budget_cuts_chains_where_they_stop_paying():
+    proposer = make_proposer(k=8, budget="measured", adaptive=False)
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1] * 2
+    assert step(proposer, {"a": history}) == [[]]  # nothing before the fit
+    # Depths 0-1 accepted 90% of the time, deeper ones 5%; a node needs 30%.
+    fit_costs(proposer.cost, threshold=0.3)
+    for _ in range(300):
+        proposer.chain_values.update(np.arange(8), np.arange(2))
+        proposer.chain_values.update(np.arange(8), np.arange(0))
+    assert step(proposer, {"a": history, "b": history[:6]}) == [[2, 3], []]
+    # A request's draft must also pay for its own fixed cost (gain 2 x 0.15
+    # here), and the step's drafts for that of a drafting step.
+    fit_costs(proposer.cost, threshold=0.3, draft_tokens=0.5)
+    assert step(proposer, {"a": history}) == [[]]
+    fit_costs(proposer.cost, threshold=0.3, step_tokens=0.5)
+    assert step(proposer, {"a": history}) == [[]]
+    fit_costs(proposer.cost, threshold=0.3, step_tokens=0.1, draft_tokens=0.1)
+    assert step(proposer, {"a": history}) == [[2, 3]]
+
+
+def test_chain_acceptance_is_measured_per_depth():
+    proposer = make_proposer(k=4, adaptive=False)
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1] * 2
+    step(proposer, {"a": history})
+    step(proposer, {"a": history}, accepted=[2])
+    assert proposer.chain_values.offered.tolist() == [1, 1, 1, 1]
+    assert proposer.chain_values.accepted.tolist() == [1, 1, 0, 0]
 
 
 def test_pools_of_departed_requests_are_freed():

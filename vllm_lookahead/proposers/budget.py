@@ -19,6 +19,16 @@ the load goes down. A request keeps its tree only if the tree's expected
 net gain beats ``d``, and a step keeps its trees only if their total net
 gain beats ``c``.
 
+Until the fit has seen a few steps (``MIN_STEPS``) no draft is verified:
+the first steps (prefill, then plain decode) give the cost of a plain token,
+and a draft node is then assumed to cost as much (c = d = 0, b_tree =
+b_plain: a node is one more token in the forward) until steps with drafts
+measure what it really costs. So a loaded engine never pays for a phase of
+full trees to learn that they do not pay.
+
+The same budget cuts linear mode's chains: a chain's node classes are its
+depths, and its fixed costs are those of vLLM's rejection sampler.
+
 Times come from the engine itself (``step_started`` at the start of each
 forward, ``bind_batch`` after it), so the policy adapts to the hardware, the
 model and the load without configuration.
@@ -36,8 +46,8 @@ from collections import deque
 
 import numpy as np
 
-# Steps before the fit is trusted (until then every node is verified).
-MIN_STEPS = 16
+# Steps before the fit is trusted (until then no draft is verified).
+MIN_STEPS = 4
 # Weight of past steps in the step-time fit, and of past verifications in the
 # acceptance counts (per step).
 TIME_DECAY = 0.98
@@ -154,8 +164,9 @@ class StepCostModel:
 
     def threshold(self, n_requests: int | None = None) -> float:
         """Acceptance probability a node needs to pay for itself in a step
-        of ``n_requests`` decoding requests (0 until the fit is trusted)."""
-        return self.node_seconds * self.decode_rate(n_requests) if self.ready else 0.0
+        of ``n_requests`` decoding requests (infinite until the fit is
+        trusted: no node is verified on a guess)."""
+        return self.node_seconds * self.decode_rate(n_requests) if self.ready else np.inf
 
     def fixed_cost_tokens(self, n_requests: int | None = None) -> float:
         """The fixed cost of a tree step, in tokens the engine would produce

@@ -95,13 +95,16 @@ class LookaheadProposer:
         self.cost = StepCostModel()
         self.values = NodeValues(num_classes(self.config.ngram - 1, self.config.window,
                                              MAX_RANKS))
+        # Chains (linear mode, and batches the runtime cannot verify): a
+        # class per depth.
+        self.chain_values = NodeValues(self.k)
         self._last_bind: float | None = None
         self._forward_started: float | None = None
         # n_plain, n_tree, n_trees, forward seconds, step seconds of the last step.
         self._step: tuple[int, int, int, float, float | None] | None = None
         self._drafted = 0  # draft tokens of the last step
         self._drafted_trees = 0  # requests with a tree in the last step
-        self._threshold = 0.0  # acceptance bar of the last tree step
+        self._threshold = 0.0  # acceptance bar of the last drafting step
         self._proposer_seconds = 0.0
         self._step_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
@@ -177,19 +180,50 @@ class LookaheadProposer:
 
     def _draft_budget(self, req_ids, sampled_token_ids, rows) -> np.ndarray:
         """Per-row draft length from the request's last acceptance (vLLM
-        returns the accepted draft tokens plus one in ``sampled_token_ids``)."""
-        if not self.config.adaptive:
-            return np.full(len(rows), self.k, dtype=np.int64)
-        budget = np.empty(len(rows), dtype=np.int64)
+        returns the accepted draft tokens plus one in ``sampled_token_ids``),
+        which also feeds the acceptance estimate per chain depth."""
+        budget = np.full(len(rows), self.k, dtype=np.int64)
+        offered, taken = [], []
         for i, (req_id, row) in enumerate(zip(req_ids, rows)):
             last = self._last_draft.get(req_id, 0)
             allowed = self._allowed.get(req_id, self.k)
             if last:
-                accepted = len(sampled_token_ids[row]) - 1
+                accepted = min(len(sampled_token_ids[row]) - 1, last)
+                offered.append(np.arange(last))
+                taken.append(np.arange(accepted))
                 allowed = min(self.k, 2 * last) if accepted >= last else accepted + 1
             self._allowed[req_id] = allowed
-            budget[i] = allowed
+            if self.config.adaptive:
+                budget[i] = allowed
+        if offered:
+            self.chain_values.update(np.concatenate(offered), np.concatenate(taken))
         return budget
+
+    def _bar(self, n_requests: int) -> float:
+        """The acceptance probability a draft node needs this step (0 with
+        the static budget)."""
+        bar = self.cost.threshold(n_requests) if self.config.budget == "measured" else 0.0
+        self._threshold = bar
+        return bar
+
+    def _paying(self, values: NodeValues, classes: np.ndarray, num_nodes: np.ndarray,
+                threshold: float, n_requests: int) -> np.ndarray:
+        """Rows whose draft (node classes [rows, width], the first
+        ``num_nodes`` valid) is kept by the measured budget: each draft's
+        expected net gain (measured acceptance minus the bar, over its nodes)
+        must beat its own fixed cost, and the kept drafts together that of a
+        drafting step. Classes not verified for a while drift back to the
+        prior and are tried again."""
+        drafting = np.nonzero(num_nodes)[0]
+        if self.config.budget != "measured" or not len(drafting) or not self.cost.ready:
+            return drafting
+        valid = np.arange(classes.shape[1]) < num_nodes[:, None]
+        gain = np.where(valid, values.rate()[classes] - threshold, 0.0).sum(axis=1)
+        gain -= self.cost.tree_cost_tokens(n_requests)
+        drafting = drafting[gain[drafting] > 0]
+        if gain[drafting].sum() < self.cost.fixed_cost_tokens(n_requests):
+            drafting = drafting[:0]
+        return drafting
 
     def propose(
         self,
@@ -214,7 +248,7 @@ class LookaheadProposer:
             self._step_seconds += forward + self.cost.overhead_seconds
         drafts = self._propose(req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         self._drafted = sum(len(d) for d in drafts)
-        self._drafted_trees = len(self.tree_parents or ())
+        self._drafted_trees = sum(1 for d in drafts if d)
         self._proposer_seconds += time.perf_counter() - started
         self._steps += 1
         if self._steps % STATS_EVERY_STEPS == 0:
@@ -252,9 +286,16 @@ class LookaheadProposer:
             self._draft_budget(row_req_ids, sampled_token_ids, rows),
             self.max_model_len - lengths,
         )
+        threshold = self._bar(len(rows))
+        # Chain depths that pay (a prefix).
+        budget = np.minimum(budget, np.cumprod(self.chain_values.estimate() >= threshold).sum())
         chains = self._extend_chains(row_req_ids, rows, lengths, token_ids_cpu, budget)
-        for i, row in enumerate(rows):
-            drafts[row] = chains[i]
+        depths = np.broadcast_to(np.arange(self.k), (len(rows), self.k))
+        kept = self._paying(self.chain_values, depths, np.array([len(c) for c in chains]),
+                            threshold, len(rows))
+        self._last_draft.update((r, 0) for r in row_req_ids)
+        for i in kept:
+            drafts[rows[i]] = chains[i]
             self._last_draft[row_req_ids[i]] = len(chains[i])
         return drafts
 
@@ -336,9 +377,7 @@ class LookaheadProposer:
         per_request = self.k
         if cfg.max_tree_tokens:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
-        measured = cfg.budget == "measured"
-        threshold = self.cost.threshold(len(rows)) if measured else 0.0
-        self._threshold = threshold
+        threshold = self._bar(len(rows))
         value = self.values.estimate()
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
@@ -369,18 +408,7 @@ class LookaheadProposer:
             _int32(np.stack([window.levels for window in windows])), _int32(filled),
             _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS)
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
-        drafting = np.nonzero(num_nodes)[0]
-        if measured and len(drafting) and self.cost.ready:
-            # Each tree must also pay for its own fixed cost, and the trees
-            # together for that of a tree step (by the measured rates:
-            # classes not verified for a while drift back to the prior and
-            # are tried again).
-            valid = np.arange(tokens.shape[1]) < num_nodes[:, None]
-            gain = np.where(valid, self.values.rate()[classes] - threshold, 0.0).sum(axis=1)
-            gain -= self.cost.tree_cost_tokens(len(rows))
-            drafting = drafting[gain[drafting] > 0]
-            if gain[drafting].sum() < self.cost.fixed_cost_tokens(len(rows)):
-                drafting = drafting[:0]
+        drafting = self._paying(self.values, classes, num_nodes, threshold, len(rows))
         trees: list[list[int]] = [[] for _ in req_ids]
         for i in drafting:
             n = num_nodes[i]
