@@ -100,14 +100,14 @@ class LookaheadConfig(_AdditionalConfig):
     guesses:    G, pool candidates verified per step (tree mode).
     pool_from_prompt: also fill the pool with the prompt's n-grams (tree
                 mode; linear mode always does).
-    budget:     "measured" (tree mode): verify a node only where it pays:
-                the engine's step time is fitted online against the tokens it
-                schedules, and a window column or candidate depth is kept
-                while its measured acceptance rate exceeds the tokens the
-                engine would produce in the time the node costs (so trees
-                shrink as the batch grows, and to nothing where they do not
-                pay); "static": always the full W x (N-1) + G tree, within
-                the caps below.
+    budget:     "measured": verify a node only where it pays: the engine's
+                step time is fitted online against the tokens it schedules,
+                and a window column or candidate depth (linear mode: a chain
+                depth) is kept while its measured acceptance rate exceeds the
+                tokens the engine would produce in the time the node costs (so
+                drafts shrink as the batch grows, and to nothing where they
+                do not pay); "static": always the full W x (N-1) + G tree (the
+                whole chain), within the caps below.
     max_tree_tokens: hard cap on tree nodes per engine step over the whole
                 batch (tree mode); each request gets at most
                 num_speculative_tokens, and W and G shrink as more requests
