@@ -379,6 +379,8 @@ class LookaheadProposer:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
         threshold = self._bar(len(rows))
         value = self.values.estimate()
+        if value.max() < threshold:  # no node would be kept: skip the work
+            return [[] for _ in req_ids]
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
         keys = self._pool_keys(rows, lengths, token_ids_cpu)
