@@ -45,7 +45,7 @@ STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": 
 METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree",
            "lookahead-tree-static", "draft-model", *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
-         "methods": "plain,ngram,lookahead-linear,lookahead-tree"}
+         "methods": "plain,ngram,suffix,lookahead-linear,lookahead-tree"}
 FULL = {"per_category": 8, "max_tokens": 128, "batch_sizes": "1,8,32",
         "methods": ",".join(METHODS)}
 
@@ -356,7 +356,11 @@ def main() -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     model = resolve_model(args.model)
     draft = resolve_model(args.draft_model)
-    methods = build_methods(args.methods.split(","), args.k, args.tree_k, draft, args.staged_k)
+    names = args.methods.split(",")
+    if draft is None and args.methods == FULL["methods"]:
+        names = [n for n in names if n not in ("draft-model", *STAGED)]
+        print("no --draft-model: vLLM draft_model and the staged cascade left out", flush=True)
+    methods = build_methods(names, args.k, args.tree_k, draft, args.staged_k)
     out_dir = args.out or REPO / "benchmarks" / "results" / (
         f"{Path(args.model).name}-{'quick' if args.quick else 'full'}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,6 +388,8 @@ def main() -> None:
             if method.name == "plain-vllm":
                 raise
             skipped[method.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            if method.name == "vllm-suffix":
+                skipped[method.name] += " (bash scripts/install_suffix.sh installs it)"
             progress.write(f"{method.name}: skipped ({skipped[method.name]})")
             progress.update(len(batch_sizes) * len(prompts))
             continue
