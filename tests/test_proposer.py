@@ -90,6 +90,17 @@ def test_measured_budget_cuts_chains_where_they_stop_paying():
     assert step(proposer, {"a": history}) == [[2, 3]]
 
 
+def test_no_pool_work_while_the_budget_drafts_nothing():
+    proposer = make_proposer(k=4, budget="measured")
+    history = [1, 2, 3, 4, 5, 1]
+    assert step(proposer, {"a": history, "b": [7, 8, 9]}) == [[], []]
+    assert len(proposer.pool) == 0 and proposer._indexed == {}
+    # Drafting resumes: the pool catches up on the whole history at once.
+    fit_costs(proposer.cost, threshold=0.01)
+    assert step(proposer, {"a": history + [2, 3]}) == [[4, 5, 1, 2]]
+    assert set(proposer._indexed) == {"a"} and proposer._allowed.keys() == {"a"}
+
+
 def test_chain_acceptance_is_measured_per_depth():
     proposer = make_proposer(k=4, adaptive=False)
     history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1] * 2

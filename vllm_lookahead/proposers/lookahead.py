@@ -144,7 +144,8 @@ class LookaheadProposer:
             self._overrides = {r: self._overrides[r] if r in self._overrides
                                else self._override(r, e) for r, e in zip(req_ids, extra_args)}
         present = set(req_ids)
-        for req_id in [r for r in self._indexed if r not in present]:
+        for req_id in [r for r in self._indexed.keys() | self._allowed.keys()
+                       if r not in present]:
             self._drop(req_id)
 
     def step_started(self) -> None:
@@ -171,12 +172,12 @@ class LookaheadProposer:
         return raw
 
     def _drop(self, req_id: str) -> None:
-        del self._indexed[req_id]
+        if self._indexed.pop(req_id, None) is not None:
+            self.pool.erase(req_id)
         self._allowed.pop(req_id, None)
         self._last_draft.pop(req_id, None)
         self._windows.pop(req_id, None)
         self._layouts.pop(req_id, None)
-        self.pool.erase(req_id)
 
     def _draft_budget(self, req_ids, sampled_token_ids, rows) -> np.ndarray:
         """Per-row draft length from the request's last acceptance (vLLM
@@ -266,7 +267,6 @@ class LookaheadProposer:
             return drafts
         row_req_ids = [req_ids[i] for i in rows]
         lengths = num_tokens_no_spec[rows].astype(np.int64)
-        self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
         keep = [i for i, r in enumerate(row_req_ids)
                 if not self._overrides.get(r, {}).get("disable", False)]
         rows = [rows[i] for i in keep]
@@ -289,17 +289,24 @@ class LookaheadProposer:
         threshold = self._bar(len(rows))
         # Chain depths that pay (a prefix).
         budget = np.minimum(budget, np.cumprod(self.chain_values.estimate() >= threshold).sum())
+        self._last_draft.update((r, 0) for r in row_req_ids)
+        if not budget.max(initial=0):
+            return drafts
+        self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
         chains = self._extend_chains(row_req_ids, rows, lengths, token_ids_cpu, budget)
         depths = np.broadcast_to(np.arange(self.k), (len(rows), self.k))
         kept = self._paying(self.chain_values, depths, np.array([len(c) for c in chains]),
                             threshold, len(rows))
-        self._last_draft.update((r, 0) for r in row_req_ids)
         for i in kept:
             drafts[rows[i]] = chains[i]
             self._last_draft[row_req_ids[i]] = len(chains[i])
         return drafts
 
     def _index_new_tokens(self, req_ids, rows, lengths, token_ids_cpu) -> None:
+        """Inserts into each request's pool the n-grams of the tokens it
+        gained since its last indexing. Called only on steps that may draft,
+        so an engine whose budget drafts nothing does no pool work; the next
+        drafting step catches up in one span per request."""
         overlap = self.config.ngram - 1
         starts = np.empty(len(rows), dtype=np.int64)
         for i, req_id in enumerate(req_ids):
@@ -381,6 +388,7 @@ class LookaheadProposer:
         value = self.values.estimate()
         if value.max() < threshold:  # no node would be kept: skip the work
             return [[] for _ in req_ids]
+        self._index_new_tokens(req_ids, rows, lengths, token_ids_cpu)
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
         keys = self._pool_keys(rows, lengths, token_ids_cpu)
