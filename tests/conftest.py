@@ -15,6 +15,7 @@ def fit_costs(cost, threshold: float, step_tokens: float = 0.0, draft_tokens: fl
 
     cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
     cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100])
+    cost._tree_costs = cost._coef[[1, 2, 4]]  # measured: no probing
     return cost
 
 

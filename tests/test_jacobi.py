@@ -10,7 +10,8 @@ import torch
 
 from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, ops, patches
-from vllm_lookahead.proposers.budget import MIN_STEPS, NodeValues, StepCostModel
+from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, NodeValues,
+                                             StepCostModel)
 from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
 
 
@@ -231,6 +232,9 @@ def test_measured_budget_verifies_no_tree_until_it_knows_a_plain_step(proposer):
     drafts = propose(proposer, {"a": history}, scheduled_tokens=1)
     assert proposer.cost.ready and 0 < proposer._threshold < 0.5
     assert len(drafts[0]) == 6
+    # What trees cost is not measured yet: at most PROBE_DRAFTS of them a step.
+    drafts = propose(proposer, dict.fromkeys("abcd", history), scheduled_tokens=7)
+    assert sum(1 for d in drafts if d) == PROBE_DRAFTS == len(proposer.tree_parents)
 
 
 def test_measured_budget_keeps_only_nodes_that_pay(proposer):

@@ -23,8 +23,9 @@ Until the fit has seen a few steps (``MIN_STEPS``) no draft is verified:
 the first steps (prefill, then plain decode) give the cost of a plain token,
 and a draft node is then assumed to cost as much (c = d = 0, b_tree =
 b_plain: a node is one more token in the forward) until steps with drafts
-measure what it really costs. So a loaded engine never pays for a phase of
-full trees to learn that they do not pay.
+measure what it really costs, with at most ``PROBE_DRAFTS`` drafts per step
+meanwhile. So a loaded engine never pays for a phase of full trees to learn
+that they do not pay.
 
 The same budget cuts linear mode's chains: a chain's node classes are its
 depths, and its fixed costs are those of vLLM's rejection sampler.
@@ -60,6 +61,10 @@ EXPLORATION = 0.15
 # tree costs (c, d, b_tree) and keeps their last estimates.
 MIN_TREE_WEIGHT = 4.0
 TREE_COSTS = [1, 2, 4]  # c, d, b_tree in the fit's coefficients
+# Drafts per step while their costs are not measured yet (the best ones by
+# expected gain): learning what drafts cost never makes a step of the whole
+# batch's drafts.
+PROBE_DRAFTS = 2
 
 
 class StepCostModel:
@@ -123,6 +128,11 @@ class StepCostModel:
     @property
     def ready(self) -> bool:
         return self._steps >= MIN_STEPS
+
+    @property
+    def draft_costs_known(self) -> bool:
+        """Whether steps with drafts have measured what drafts cost."""
+        return self._tree_costs is not None
 
     @property
     def node_seconds(self) -> float:

@@ -29,7 +29,7 @@ import torch
 from vllm_lookahead import ops, patches
 from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.ops import NgramPool
-from vllm_lookahead.proposers.budget import NodeValues, StepCostModel
+from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.tree import runtime
 
@@ -213,8 +213,9 @@ class LookaheadProposer:
         ``num_nodes`` valid) is kept by the measured budget: each draft's
         expected net gain (measured acceptance minus the bar, over its nodes)
         must beat its own fixed cost, and the kept drafts together that of a
-        drafting step. Classes not verified for a while drift back to the
-        prior and are tried again."""
+        drafting step; until drafts' costs are measured, only the
+        ``PROBE_DRAFTS`` best. Classes not verified for a while drift back to
+        the prior and are tried again."""
         drafting = np.nonzero(num_nodes)[0]
         if self.config.budget != "measured" or not len(drafting) or not self.cost.ready:
             return drafting
@@ -222,6 +223,9 @@ class LookaheadProposer:
         gain = np.where(valid, values.rate()[classes] - threshold, 0.0).sum(axis=1)
         gain -= self.cost.tree_cost_tokens(n_requests)
         drafting = drafting[gain[drafting] > 0]
+        if not self.cost.draft_costs_known:  # probing: the best few
+            best = np.argsort(-gain[drafting], kind="stable")[:PROBE_DRAFTS]
+            drafting = np.sort(drafting[best])
         if gain[drafting].sum() < self.cost.fixed_cost_tokens(n_requests):
             drafting = drafting[:0]
         return drafting
