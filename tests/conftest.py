@@ -31,12 +31,13 @@ def smollm2() -> str:
 
 @pytest.fixture(scope="session")
 def spec_bench_prompts(smollm2) -> list[str]:
-    """One chat-formatted Spec-Bench prompt per category (13, of very
-    different lengths)."""
-    from benchmarks.common import SPEC_BENCH, chat_prompts, load_prompts
+    """One chat-formatted prompt per Spec-Bench category (13, of very
+    different lengths): from Spec-Bench itself where the shared folder has it
+    (CI), else from the prompts shipped in benchmarks/data/."""
+    from benchmarks.common import chat_prompts, default_prompt_file, load_prompts
 
     per_category: dict[str, dict] = {}
-    for prompt in load_prompts(SPEC_BENCH):
+    for prompt in load_prompts(default_prompt_file()):
         per_category.setdefault(prompt["category"], prompt)
     return chat_prompts(smollm2, list(per_category.values()))
 
