@@ -23,14 +23,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_lookahead import LookaheadProposer, ops, patches  # noqa: E402
+from vllm_lookahead import LookaheadProposer, ops  # noqa: E402
+from vllm_lookahead import vllm as vllm_patches  # noqa: E402
+from vllm_lookahead.proposers.jacobi import reference_tree_layouts  # noqa: E402
+from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Verification  # noqa: E402
 
 LAYOUTS = {"compiled": ops.lookahead_tree_layout,
-           "python": ops.reference_lookahead_tree_layout}
+           "python": reference_tree_layouts}
 
 
 def make_proposer(batch: int, max_len: int, lookahead: dict) -> LookaheadProposer:
-    patches.apply_all()  # the proposer checks that the vLLM plugin is active
+    vllm_patches.apply_all()  # the proposer checks that the vLLM plugin is active
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=64),
         model_config=SimpleNamespace(max_model_len=max_len, get_vocab_size=lambda: 32000,
@@ -56,13 +59,15 @@ def run(batch: int, steps: int, prompt_len: int, vocab: int, lookahead: dict,
     elapsed, timed = 0.0, 0
     for step in range(steps):
         started = time.perf_counter()
-        proposer.bind_batch(req_ids, [True] * batch, trees_verified=True,
-                            prompt_lens=[prompt_len] * batch, extra_args=[None] * batch)
-        drafts = proposer.propose([[int(tokens[i, n - 1])] for i, n in enumerate(lengths)],
-                                  lengths, tokens)
+        proposer.bind_batch(BatchInfo(req_ids, [True] * batch, True, [prompt_len] * batch,
+                                      [None] * batch, scheduled_tokens=0))
+        drafts = proposer.draft(DraftInputs(
+            [[int(tokens[i, n - 1])] for i, n in enumerate(lengths)], lengths, tokens)).tokens
         cu_rows = np.concatenate([[0], np.cumsum([len(d) + 1 for d in drafts])])
-        argmax = rng.integers(0, vocab, size=int(cu_rows[-1]))
-        proposer.observe_verification(req_ids, argmax, cu_rows, np.zeros(batch, np.int64))
+        argmax = rng.integers(0, vocab, size=int(cu_rows[-1])).astype(np.int32)
+        proposer.observe_verification(Verification(
+            req_ids, argmax, cu_rows, np.zeros(batch, np.int64),
+            np.full((batch, max(1, max(len(d) for d in drafts))), -1, np.int64)))
         if step >= 3:  # warm-up: window levels fill, pools from the prompt
             elapsed += time.perf_counter() - started
             timed += 1

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vllm_lookahead import ops  # noqa: E402
+from vllm_lookahead import ops, reference  # noqa: E402
 
 
 def timed(fn, device: str, repeat: int = 5) -> float:
@@ -109,7 +109,7 @@ def main() -> None:
             t_sdpa = timed(lambda: sdpa_dense(q, tk, tv, kc, vc, on(table), prefix, cu,
                                               parents, D ** -0.5), dev)
             got = ops.tree_attention(*call).float().cpu()
-            ref = ops.reference_tree_attention(*(t.cpu() if torch.is_tensor(t) else t
+            ref = reference.tree_attention(*(t.cpu() if torch.is_tensor(t) else t
                                                  for t in call)).float()
             err = (got - ref).abs().max().item()
             layers_k = [mk(num_blocks, block, args.kv_heads, D) for _ in range(24)]

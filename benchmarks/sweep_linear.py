@@ -46,9 +46,11 @@ def reference(model: str, prompts_file: str, num_prompts: int, max_tokens: int,
 
 
 def replay(records: list[dict], k: int, vocab_size: int, **lookahead) -> dict:
-    from vllm_lookahead import LookaheadProposer, patches
+    from vllm_lookahead import LookaheadProposer
+    from vllm_lookahead import vllm as vllm_patches
+    from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs
 
-    patches.apply_all()
+    vllm_patches.apply_all()
     max_len = max(len(r["prompt"]) + len(r["output"]) for r in records) + k + 1
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=k),
@@ -74,8 +76,11 @@ def replay(records: list[dict], k: int, vocab_size: int, **lookahead) -> dict:
             break
         lengths = np.array([len(records[i]["prompt"]) + done[i] for i in live])
         rows = tokens[live]
-        proposer.bind_batch([str(i) for i in live])
-        drafts = proposer.propose([last_sampled[i] for i in live], lengths, rows)
+        n = len(live)
+        proposer.bind_batch(BatchInfo([str(i) for i in live], [True] * n, False, [0] * n,
+                                      [None] * n, scheduled_tokens=0))
+        drafts = proposer.draft(DraftInputs([last_sampled[i] for i in live], lengths,
+                                            rows)).tokens
         for j, i in enumerate(live):
             out = records[i]["output"]
             a = 0

@@ -62,3 +62,12 @@ def tiny_llama(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     return str(path)
+
+
+def batch_info(req_ids, trees_verified=False, scheduled_tokens=0):
+    """A ``BatchInfo`` of greedy requests without extra args."""
+    from vllm_lookahead.tree.protocol import BatchInfo
+
+    n = len(req_ids)
+    return BatchInfo(list(req_ids), [True] * n, trees_verified, [0] * n, [None] * n,
+                     scheduled_tokens)

@@ -39,21 +39,45 @@ def test_key_len_defaults_by_mode():
     assert LookaheadConfig.from_dict({"mode": "linear", "ngram": 2}).key_len == 1
 
 
-@pytest.mark.parametrize("dtype, mode, error", [("bfloat16", "tree", "float32"),
+@pytest.mark.parametrize("dtype, mode, error", [("bfloat16", "tree", None),
                                                 ("bfloat16", "linear", None),
-                                                ("float32", "tree", None)])
-def test_tree_mode_needs_float32_on_cpu(smollm2, dtype, mode, error):
+                                                ("float32", "tree", None),
+                                                ("float32", "sideways", '"mode"')])
+def test_tree_mode_dtypes_and_bad_mode_at_startup(smollm2, dtype, mode, error):
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_lookahead import patches
+    from vllm_lookahead import vllm as vllm_patches
 
-    patches.apply_all()
+    vllm_patches.apply_all()
     args = EngineArgs(
         model=smollm2, dtype=dtype,
         speculative_config={"method": "custom_class",
                             "model": "vllm_lookahead.LookaheadProposer",
                             "num_speculative_tokens": 8},
         additional_config={"lookahead": {"mode": mode}})
+    if error is None:
+        args.create_engine_config()
+    else:
+        with pytest.raises(LookaheadConfigError, match=error):
+            args.create_engine_config()
+
+
+@pytest.mark.parametrize("block_size, error", [(128, "'amx'"), (16, None)])
+def test_bf16_tree_mode_on_an_amx_cpu(smollm2, monkeypatch, block_size, error):
+    """vLLM's CPU kernel packs bf16 keys for AMX (block size % 32 == 0): tree
+    mode refuses at startup and says to pass block_size=16 (vec16)."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_lookahead import vllm as vllm_patches
+
+    vllm_patches.apply_all()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    args = EngineArgs(
+        model=smollm2, dtype="bfloat16", block_size=block_size,
+        speculative_config={"method": "custom_class",
+                            "model": "vllm_lookahead.LookaheadProposer",
+                            "num_speculative_tokens": 8})
     if error is None:
         args.create_engine_config()
     else:

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from conftest import fit_costs
-from vllm_lookahead import LookaheadProposer, ops, patches
+from vllm_lookahead import LookaheadProposer, ops
+from vllm_lookahead import vllm as vllm_patches
 from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, NodeValues,
                                              StepCostModel)
-from vllm_lookahead.proposers.jacobi import JacobiWindow, fit_tree, num_classes, tree_layout
+from vllm_lookahead.proposers.jacobi import (JacobiWindow, fit_tree, num_classes,
+                                              reference_tree_layouts, tree_layout)
+from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
 
 
 def test_window_warms_up_then_emits_one_ngram_per_column():
@@ -59,7 +62,7 @@ def test_fit_tree_respects_the_cap(cap):
 
 @pytest.fixture
 def proposer():
-    patches.apply_all()
+    vllm_patches.apply_all()
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=16),
         model_config=SimpleNamespace(max_model_len=64, get_vocab_size=lambda: 100,
@@ -72,7 +75,16 @@ def proposer():
     return LookaheadProposer(config)
 
 
-def propose(proposer, rows, extra_args=None, scheduled_tokens=None):
+class Proposed(list):
+    """The drafts' token lists, per row, and ``trees``: request -> parents
+    of the rows that are trees."""
+
+    def __init__(self, req_ids, drafts: Drafts):
+        super().__init__(drafts.tokens)
+        self.trees = {r: p for r, p in zip(req_ids, drafts.parents) if p is not None}
+
+
+def propose(proposer, rows, extra_args=None, scheduled_tokens=None) -> Proposed:
     """One step of the proposer; with ``scheduled_tokens``, after a forward
     of that many tokens taking 10 ms + 1 ms per token (for the budget's
     step-time fit)."""
@@ -84,17 +96,27 @@ def propose(proposer, rows, extra_args=None, scheduled_tokens=None):
     for i, history in enumerate(rows.values()):
         tokens[i, :len(history)] = history
     lengths = np.array([len(h) for h in rows.values()], dtype=np.int32)
-    proposer.bind_batch(req_ids, [True] * len(rows), trees_verified=True,
-                        prompt_lens=[len(h) for h in rows.values()],
-                        extra_args=extra_args or [None] * len(rows),
-                        scheduled_tokens=scheduled_tokens)
-    return proposer.propose([[h[-1]] for h in rows.values()], lengths, tokens)
+    proposer.bind_batch(BatchInfo(req_ids, [True] * len(rows), trees_verified=True,
+                                  prompt_lens=[len(h) for h in rows.values()],
+                                  extra_args=extra_args or [None] * len(rows),
+                                  scheduled_tokens=scheduled_tokens or 0))
+    return Proposed(req_ids, proposer.draft(
+        DraftInputs([[h[-1]] for h in rows.values()], lengths, tokens)))
+
+
+def verification(req_id, argmax, accepted_path=()):
+    """The runtime's report of one request's tree step: the target's argmax
+    at its root and every node, and the accepted path."""
+    path = np.full((1, max(1, len(argmax) - 1)), -1, dtype=np.int64)
+    path[0, :len(accepted_path)] = accepted_path
+    return Verification([req_id], np.asarray(argmax, dtype=np.int32),
+                        np.array([0, len(argmax)]), np.array([len(accepted_path)]), path)
 
 
 def test_tree_mode_proposes_window_and_candidates(proposer):
     history = [1, 2, 3, 4, 1, 2, 5, 1]
     drafts = propose(proposer, {"a": history})
-    parents = proposer.tree_parents["a"]
+    parents = drafts.trees["a"]
     # Warm-up: one level of 3 columns, then the two continuations of 1,
     # most recent first, as a trie: (2, 5) and (2, 3) share their 2.
     assert parents == [-1, 0, 1, -1, 3, 3]
@@ -102,20 +124,20 @@ def test_tree_mode_proposes_window_and_candidates(proposer):
 
     # The runtime reports the argmax at every row (root, then nodes).
     argmax = np.arange(40, 40 + len(drafts[0]) + 1)
-    proposer.observe_verification(["a"], argmax, np.array([0, len(argmax)]), np.array([0]))
+    proposer.observe_verification(verification("a", argmax))
     assert proposer._windows["a"].filled == 2
     assert proposer._windows["a"].levels[1].tolist() == [41, 42, 43]
     drafts = propose(proposer, {"a": history})
-    assert proposer.tree_parents["a"][:6] == [-1, 0, 1, 0, 1, 2]
+    assert drafts.trees["a"][:6] == [-1, 0, 1, 0, 1, 2]
 
     # Full window: the next update inserts one n-gram per column, keyed by
     # the oldest level: (level 0, level 1, argmax at level 1).
     oldest = proposer._windows["a"].levels[0].copy()
     argmax = np.arange(60, 60 + len(drafts[0]) + 1)
-    proposer.observe_verification(["a"], argmax, np.array([0, len(argmax)]), np.array([0]))
+    proposer.observe_verification(verification("a", argmax))
     assert proposer._windows["a"].levels.tolist() == [[41, 42, 43], [64, 65, 66]]
     drafts = propose(proposer, {"a": history + [int(oldest[0])]})
-    tokens, parents = drafts[0], proposer.tree_parents["a"]
+    tokens, parents = drafts[0], drafts.trees["a"]
     chains = {(tokens[parents[i]], tokens[i]) for i in range(6, len(tokens)) if parents[i] >= 6}
     assert (41, 64) in chains
 
@@ -126,7 +148,7 @@ def test_per_request_overrides(proposer):
                      extra_args=[{"lookahead": {"disable": True}},
                                  {"lookahead": {"window": 1, "guesses": 0}},
                                  {"lookahead": {"window": "x"}}])
-    assert drafts[0] == [] and "a" not in proposer.tree_parents
+    assert drafts[0] == [] and "a" not in drafts.trees
     assert len(drafts[1]) == 1
     assert len(drafts[2]) == 3 + 3  # the bad override is ignored
 
@@ -144,7 +166,7 @@ def test_no_tree_past_max_model_len(proposer):
     history = ([1, 2, 3, 4, 1, 2, 5] * 9)[:61]
     drafts = propose(proposer, {"a": history})
     assert len(drafts[0]) == 64 - 61
-    assert len(proposer.tree_parents["a"]) == 3
+    assert len(drafts.trees["a"]) == 3
 
 
 def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
@@ -224,8 +246,8 @@ def test_measured_budget_verifies_no_tree_until_it_knows_a_plain_step(proposer):
     history = [1, 2, 3, 4, 1, 2, 5, 1]
     # A prefill, then plain decode steps: no tree while the fit is not ready.
     for scheduled in [40] + [1] * (MIN_STEPS - 2):
-        assert propose(proposer, {"a": history}, scheduled_tokens=scheduled) == [[]]
-        assert proposer.tree_parents == {}
+        drafts = propose(proposer, {"a": history}, scheduled_tokens=scheduled)
+        assert drafts == [[]] and drafts.trees == {}
     # Those steps gave the cost of a token, and a node is assumed to cost as
     # much: at batch 1 the whole tree of untried (optimistically valued)
     # classes clears that bar.
@@ -234,7 +256,7 @@ def test_measured_budget_verifies_no_tree_until_it_knows_a_plain_step(proposer):
     assert len(drafts[0]) == 6
     # What trees cost is not measured yet: at most PROBE_DRAFTS of them a step.
     drafts = propose(proposer, dict.fromkeys("abcd", history), scheduled_tokens=7)
-    assert sum(1 for d in drafts if d) == PROBE_DRAFTS == len(proposer.tree_parents)
+    assert sum(1 for d in drafts if d) == PROBE_DRAFTS == len(drafts.trees)
 
 
 def test_measured_budget_keeps_only_nodes_that_pay(proposer):
@@ -243,15 +265,15 @@ def test_measured_budget_keeps_only_nodes_that_pay(proposer):
     drafts = propose(proposer, {"a": history})
     # Window columns (5%) pay at a low threshold, second candidate tokens
     # (never accepted) do not: 3 window nodes, then the candidates' shared 2.
-    assert drafts[0][3:] == [2] and proposer.tree_parents["a"] == [-1, 0, 1, -1]
+    assert drafts[0][3:] == [2] and drafts.trees["a"] == [-1, 0, 1, -1]
     trained(proposer, threshold=0.3)
     drafts = propose(proposer, {"a": history})
     # Window columns (5%) are cut; the two candidates keep their first token
     # (90%), shared by both: 2.
-    assert drafts[0] == [2] and proposer.tree_parents["a"] == [-1]
+    assert drafts[0] == [2] and drafts.trees["a"] == [-1]
     trained(proposer, threshold=0.95)
-    assert propose(proposer, {"a": history}) == [[]]
-    assert "a" not in proposer.tree_parents
+    drafts = propose(proposer, {"a": history})
+    assert drafts == [[]] and "a" not in drafts.trees
 
 
 def test_measured_budget_drops_trees_that_do_not_cover_the_step_cost(proposer):
@@ -259,8 +281,8 @@ def test_measured_budget_drops_trees_that_do_not_cover_the_step_cost(proposer):
     trained(proposer, threshold=0.3, tree_step_tokens=0.5)
     assert propose(proposer, {"a": history}) == [[2]]  # gain 0.9 - 0.3 > 0.5
     trained(proposer, threshold=0.3, tree_step_tokens=0.7)
-    assert propose(proposer, {"a": history}) == [[]]
-    assert proposer.tree_parents == {}
+    drafts = propose(proposer, {"a": history})
+    assert drafts == [[]] and drafts.trees == {}
 
 
 def test_measured_budget_drops_trees_that_do_not_cover_their_own_cost(proposer):
@@ -273,7 +295,7 @@ def test_measured_budget_drops_trees_that_do_not_cover_their_own_cost(proposer):
     trained(proposer, threshold=0.02, tree_tokens=0.5)
     drafts = propose(proposer, rows)
     assert len(drafts[0]) == 4 and drafts[1] == []
-    assert set(proposer.tree_parents) == {"a"}
+    assert set(drafts.trees) == {"a"}
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -292,7 +314,7 @@ def test_compiled_tree_layout_matches_reference(seed):
             randint(0, levels * width + guesses * cont_len + 2, (batch,)))
     max_ranks = int(randint(1, 4, ()))
     got = ops.lookahead_tree_layout(*args, max_ranks)
-    want = ops.reference_lookahead_tree_layout(*args, max_ranks)
+    want = reference_tree_layouts(*args, max_ranks)
     for name, g, w in zip(("tokens", "parents", "classes", "num_nodes", "columns"), got, want):
         assert torch.equal(g, w), name
     assert (got[3] <= args[5]).all()

@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_lookahead.ops import (
-    NgramPool, PoolState, ngram_pool_insert, ngram_pool_lookup,
-    reference_ngram_pool_insert, reference_ngram_pool_lookup,
-)
+from vllm_lookahead.ops import PoolState, ngram_pool_insert, ngram_pool_lookup
+from vllm_lookahead.proposers.pool import NgramPool
+from vllm_lookahead.reference import ngram_pool_insert as reference_ngram_pool_insert
+from vllm_lookahead.reference import ngram_pool_lookup as reference_ngram_pool_lookup
 
 
 def i32(values):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_lookahead import ops
+from vllm_lookahead import ops, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,14 +24,14 @@ def test_pool_cuda_matches_reference(seed):
         starts = gen.integers(0, 10, 4)
         ends = starts + gen.integers(1, 20, 4)
         for st, dev, insert in ((state, "cuda", ops.ngram_pool_insert),
-                                (ref, "cpu", ops.reference_ngram_pool_insert)):
+                                (ref, "cpu", reference.ngram_pool_insert)):
             insert(st, i32(slots, dev), i32(tokens, dev), i32(range(4), dev),
                    i32(starts, dev), i32(ends, dev), 9, 4)
         for got, want in zip(state.tensors(), ref.tensors()):
             assert torch.equal(got.cpu(), want)
         query = gen.integers(0, 9, (4, 1))
         got = ops.ngram_pool_lookup(state, i32(slots, "cuda"), i32(query, "cuda"), 5, 4)
-        want = ops.reference_ngram_pool_lookup(ref, i32(slots, "cpu"), i32(query, "cpu"), 5, 4)
+        want = reference.ngram_pool_lookup(ref, i32(slots, "cpu"), i32(query, "cpu"), 5, 4)
         assert all(torch.equal(g.cpu(), w) for g, w in zip(got, want))
 
 
@@ -52,7 +52,7 @@ def test_tree_attention_cuda_matches_reference(seed, dtype, tol):
     cuda_args = [a.cuda() if torch.is_tensor(a) else a for a in cpu_args]
     assert torch.equal(ops.tree_ancestor_masks(parents.cuda(), cu.cuda()).cpu(), cpu_args[8])
     got = ops.tree_attention(*cuda_args).float().cpu()
-    want = ops.reference_tree_attention(*cpu_args).float()
+    want = reference.tree_attention(*cpu_args).float()
     err = (got - want).abs().max().item()
     print(f"tree_attention cuda {dtype} max abs err {err:.2e}")
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
@@ -64,5 +64,39 @@ def test_kv_compact_cuda_matches_reference():
     src, dst = torch.tensor([3, 5, 6, 9]), torch.tensor([2, 3, 4, 5])
     cuda_k, cuda_v = [k.cuda() for k in keys], [v.cuda() for v in values]
     ops.tree_kv_compact(cuda_k, cuda_v, src.cuda(), dst.cuda())
-    ops.reference_tree_kv_compact(keys, values, src, dst)
+    reference.tree_kv_compact(keys, values, src, dst)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(cuda_k + cuda_v, keys + values))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_tree_attention_and_compaction_on_the_lbnhc_layout(dtype, tol):
+    """vLLM's CUDA backends' layer cache (logical [blocks, kv_heads, block,
+    2 * head], physical [blocks, block, kv_heads, 2 * head]) through the
+    LBNHC adapter's views, in the cache's own dtype."""
+    from vllm_lookahead.tree.backends import LbnhcAdapter
+
+    gen = torch.Generator().manual_seed(3)
+    num_blocks, kv_heads, block, head_size = 12, 2, 16, 128
+    physical = torch.randn(num_blocks, block, kv_heads, 2 * head_size, generator=gen).to(dtype)
+    kv_cache = physical.cuda().transpose(1, 2)
+    key_cache, value_cache = LbnhcAdapter().cache_views(kv_cache)
+    parents, cu = random_trees(gen, batch=2, max_nodes=40)
+    n = len(parents)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(dtype).cuda()
+    q, tk, tv = rand(n, 2 * kv_heads, head_size), rand(n, kv_heads, head_size), \
+        rand(n, kv_heads, head_size)
+    table = torch.tensor([[4, 1, 0, 7, 9], [2, 5, 3, 11, 6]], dtype=torch.int32)
+    prefix = torch.tensor([70, 33], dtype=torch.int32)
+    masks = ops.tree_ancestor_masks(parents, cu)
+    got = ops.tree_attention(q, tk, tv, key_cache, value_cache, table.cuda(), prefix.cuda(),
+                             cu.cuda(), masks.cuda(), 0.1).float().cpu()
+    want = reference.tree_attention(q.cpu(), tk.cpu(), tv.cpu(), key_cache.cpu(),
+                                    value_cache.cpu(), table, prefix, cu, masks, 0.1).float()
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+    src, dst = torch.tensor([40, 41, 45]), torch.tensor([38, 39, 40])
+    expected = [key_cache.cpu().contiguous(), value_cache.cpu().contiguous()]
+    reference.tree_kv_compact(expected[:1], expected[1:], src, dst)
+    LbnhcAdapter().compact([kv_cache], src, dst)
+    assert torch.equal(key_cache.cpu(), expected[0])
+    assert torch.equal(value_cache.cpu(), expected[1])

@@ -7,13 +7,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import fit_costs
-from vllm_lookahead import LookaheadProposer, patches
+from conftest import batch_info, fit_costs
+from vllm_lookahead import LookaheadProposer
+from vllm_lookahead import vllm as vllm_patches
 
 
 @pytest.fixture(autouse=True)
 def plugin_applied():
-    patches.apply_all()
+    vllm_patches.apply_all()
 
 
 def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
@@ -36,7 +37,7 @@ def step(proposer, rows: dict[str, list[int]], max_model_len=64, accepted=None):
     for i, history in enumerate(rows.values()):
         tokens[i, : len(history)] = history
     lengths = np.array([len(h) for h in rows.values()], dtype=np.int32)
-    proposer.bind_batch(req_ids)
+    proposer.bind_batch(batch_info(req_ids))
     accepted = accepted or [0] * len(rows)
     sampled = [[h[-1]] * (1 + a) for h, a in zip(rows.values(), accepted)]
     return proposer.propose(sampled, lengths, tokens)
@@ -123,7 +124,7 @@ def test_no_draft_past_max_model_len():
     assert step(proposer, {"a": [1, 2, 3, 1, 2, 3, 1]}, max_model_len=8) == [[2]]
 
 
-def test_propose_without_the_patch_fails_clearly():
+def test_propose_without_the_model_runner_patch_fails_clearly():
     proposer = make_proposer()
     with pytest.raises(RuntimeError, match="request ids"):
         proposer.propose([[1]], np.array([1], dtype=np.int32),

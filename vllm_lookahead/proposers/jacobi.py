@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -102,3 +103,27 @@ def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
 
 def num_classes(levels: int, columns: int, max_ranks: int) -> int:
     return levels * columns + max_ranks * levels
+
+
+def reference_tree_layouts(grids, filled, columns, candidates, candidate_lens, caps, max_ranks):
+    """Reference of ``ops.lookahead_tree_layout``: per request
+    :func:`fit_tree` then :func:`tree_layout`."""
+    grids, candidates, candidate_lens = grids.numpy(), candidates.numpy(), candidate_lens.numpy()
+    batch, levels, width = grids.shape
+    cont_len = candidates.shape[2]
+    out = np.zeros((3, batch, levels * width + candidates.shape[1] * cont_len), np.int32)
+    out[1:] = -1
+    num_nodes = np.zeros(batch, np.int32)
+    used_columns = np.zeros(batch, np.int32)
+    for b in range(batch):
+        ranks = np.nonzero(candidate_lens[b])[0].tolist()
+        kept = [candidates[b, r, :candidate_lens[b, r]].tolist() for r in ranks]
+        cap = int(caps[b])
+        w, g = fit_tree(cap, int(columns[b]), len(kept), int(filled[b]), cont_len)
+        window = JacobiWindow(levels=grids[b], filled=int(filled[b]))
+        tree = tree_layout(window, w, kept[:g], max_ranks, ranks[:g])
+        n = min(len(tree[0]), cap)
+        for k, x in enumerate(tree):
+            out[k, b, :n] = x[:n]
+        num_nodes[b], used_columns[b] = n, w
+    return (*torch.from_numpy(out), torch.from_numpy(num_nodes), torch.from_numpy(used_columns))

@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_lookahead import ops, patches
+from vllm_lookahead import ops, vllm as vllm_patches
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.ops import NgramPool
 from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
-from vllm_lookahead.tree import runtime
+from vllm_lookahead.proposers.pool import NgramPool
+from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,11 @@ def _int32(array) -> torch.Tensor:
 
 class LookaheadProposer:
     """Custom-class proposer for ``speculative_config={"method":
-    "custom_class", "model": "vllm_lookahead.LookaheadProposer", ...}``."""
+    "custom_class", "model": "vllm_lookahead.LookaheadProposer", ...}``; a
+    ``tree.protocol.TreeDrafter``."""
 
     def __init__(self, vllm_config: Any):
-        if not patches.is_applied():
+        if not vllm_patches.is_applied():
             raise RuntimeError(
                 "vllm_lookahead's vLLM plugin is not loaded in this process; "
                 "reinstall vllm-lookahead and make sure VLLM_PLUGINS (if set) "
@@ -61,8 +62,6 @@ class LookaheadProposer:
             )
         spec_config = vllm_config.speculative_config
         self.config = LookaheadConfig.from_vllm_config(vllm_config)
-        if self.config.mode == "tree":
-            runtime.check_supported(vllm_config)
         self.k = spec_config.num_speculative_tokens
         self.max_model_len = vllm_config.model_config.max_model_len
         self.pool = NgramPool(
@@ -84,9 +83,6 @@ class LookaheadProposer:
         self._batch_trees = False
         self._prompt_lens: dict[str, int] = {}
         self._overrides: dict[str, dict[str, Any]] = {}
-        # Tree mode: the runtime verifies trees whenever this is a dict.
-        self.tree_parents: dict[str, list[int]] | None = (
-            {} if self.config.mode == "tree" else None)
         self._windows: dict[str, JacobiWindow] = {}
         # Each request's last tree: window columns, filled levels, node classes.
         self._layouts: dict[str, tuple[int, int, np.ndarray]] = {}
@@ -118,31 +114,24 @@ class LookaheadProposer:
     def load_model(self, *args, **kwargs) -> None:
         """No model to load: the pool is the whole draft."""
 
-    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None,
-                   trees_verified: bool = False, prompt_lens: list[int] | None = None,
-                   extra_args: list[dict[str, Any] | None] | None = None,
-                   scheduled_tokens: int | None = None) -> None:
-        """Row -> request map of the coming ``propose`` call, whether the
-        runtime can verify this batch's trees, prompt lengths, per-request
-        ``SamplingParams.extra_args`` and the tokens the step that just ran
-        scheduled (for the step-time fit). Pools of requests that left the
+    def bind_batch(self, batch: BatchInfo) -> None:
+        """The coming ``draft`` call's rows. Pools of requests that left the
         batch (finished, aborted, preempted or unscheduled) are freed here
         and rebuilt from the token history if the request comes back."""
         now = time.perf_counter()
-        if self._forward_started is not None and scheduled_tokens is not None:
-            n_tree = min(self._drafted, scheduled_tokens)
-            self._step = (scheduled_tokens - n_tree, n_tree, self._drafted_trees,
+        if self._forward_started is not None:
+            n_tree = min(self._drafted, batch.scheduled_tokens)
+            self._step = (batch.scheduled_tokens - n_tree, n_tree, self._drafted_trees,
                           now - self._forward_started,
                           None if self._last_bind is None else now - self._last_bind)
         self._last_bind, self._forward_started = now, None
+        req_ids = batch.req_ids
         self._batch_req_ids = req_ids
-        self._batch_trees = trees_verified and self.config.mode == "tree"
-        if prompt_lens is not None:
-            self._prompt_lens = dict(zip(req_ids, prompt_lens))
-        if extra_args is not None:
-            # Parsed once per request, so a bad override warns once.
-            self._overrides = {r: self._overrides[r] if r in self._overrides
-                               else self._override(r, e) for r, e in zip(req_ids, extra_args)}
+        self._batch_trees = batch.trees_verified and self.config.mode == "tree"
+        self._prompt_lens = dict(zip(req_ids, batch.prompt_lens))
+        # Parsed once per request, so a bad override warns once.
+        self._overrides = {r: self._overrides[r] if r in self._overrides
+                           else self._override(r, e) for r, e in zip(req_ids, batch.extra_args)}
         present = set(req_ids)
         for req_id in [r for r in self._indexed.keys() | self._allowed.keys()
                        if r not in present]:
@@ -230,38 +219,39 @@ class LookaheadProposer:
             drafting = drafting[:0]
         return drafting
 
-    def propose(
-        self,
-        sampled_token_ids: list[list[int]],
-        num_tokens_no_spec: np.ndarray,
-        token_ids_cpu: np.ndarray,
-        slot_mappings: Any = None,
-    ) -> list[list[int]]:
+    def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
+                token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
+        """vLLM's custom-class entry point; with this package's plugin the
+        model runner calls :meth:`draft` instead."""
+        return self.draft(DraftInputs(sampled_token_ids, num_tokens_no_spec,
+                                      token_ids_cpu)).tokens
+
+    def draft(self, inputs: DraftInputs) -> Drafts:
         req_ids = self._batch_req_ids
-        if req_ids is None or len(req_ids) != len(sampled_token_ids):
+        if req_ids is None or len(req_ids) != len(inputs.sampled_token_ids):
             raise RuntimeError(
-                "LookaheadProposer.propose called without the batch's request "
-                "ids; the vllm_lookahead patch of GPUModelRunner is not active"
-            )
+                "LookaheadProposer.draft called without the batch's request ids; the "
+                "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
         started = time.perf_counter()
         if self._step is not None:
             n_plain, n_tree, n_trees, forward, step = self._step
             self._step = None
             self.cost.observe(n_plain, n_tree, n_trees, forward, step,
-                              sum(len(sampled) for sampled in sampled_token_ids))
+                              sum(len(sampled) for sampled in inputs.sampled_token_ids))
             self._step_seconds += forward + self.cost.overhead_seconds
-        drafts = self._propose(req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        self._drafted = sum(len(d) for d in drafts)
-        self._drafted_trees = sum(1 for d in drafts if d)
+        drafts = self._propose(req_ids, inputs.sampled_token_ids, inputs.num_tokens,
+                               inputs.token_ids)
+        self._drafted = sum(len(d) for d in drafts.tokens)
+        self._drafted_trees = sum(1 for d in drafts.tokens if d)
         self._proposer_seconds += time.perf_counter() - started
         self._steps += 1
         if self._steps % STATS_EVERY_STEPS == 0:
             self._log_stats()
         return drafts
 
-    def _propose(self, req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
-        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+    def _propose(self, req_ids, sampled_token_ids, num_tokens_no_spec, token_ids_cpu) -> Drafts:
+        drafts = Drafts.empty(len(sampled_token_ids))
         rows = [
             i
             for i, sampled in enumerate(sampled_token_ids)
@@ -276,14 +266,12 @@ class LookaheadProposer:
         rows = [rows[i] for i in keep]
         row_req_ids = [row_req_ids[i] for i in keep]
         lengths = lengths[keep]
-        if self.tree_parents is not None:
-            self.tree_parents = {}
         if not rows:
             return drafts
         if self._batch_trees:
-            for row, tokens in zip(rows, self._propose_trees(
-                    row_req_ids, rows, lengths, token_ids_cpu)):
-                drafts[row] = tokens
+            trees = self._propose_trees(row_req_ids, rows, lengths, token_ids_cpu)
+            for row, (tokens, parents) in zip(rows, trees):
+                drafts.tokens[row], drafts.parents[row] = tokens, parents
             return drafts
 
         budget = np.minimum(
@@ -302,7 +290,7 @@ class LookaheadProposer:
         kept = self._paying(self.chain_values, depths, np.array([len(c) for c in chains]),
                             threshold, len(rows))
         for i in kept:
-            drafts[rows[i]] = chains[i]
+            drafts.tokens[rows[i]] = chains[i]
             self._last_draft[row_req_ids[i]] = len(chains[i])
         return drafts
 
@@ -375,9 +363,10 @@ class LookaheadProposer:
     # ------------------------------------------------------------------
     # Tree mode.
 
-    def _propose_trees(self, req_ids, rows, lengths, token_ids_cpu) -> list[list[int]]:
-        """One token tree per request (tokens returned, parents recorded in
-        ``tree_parents``). Nodes are kept where they pay (``budget.py``):
+    def _propose_trees(self, req_ids, rows, lengths,
+                       token_ids_cpu) -> list[tuple[list[int], list[int] | None]]:
+        """One token tree per request: (tokens, parents), ([], None) for no
+        tree. Nodes are kept where they pay (``budget.py``):
         window columns whose estimated acceptance covers their nodes' cost,
         candidates cut at the first depth that does not; then the hard caps
         (``max_tree_tokens`` over the batch, num_speculative_tokens and
@@ -390,8 +379,9 @@ class LookaheadProposer:
             per_request = min(per_request, cfg.max_tree_tokens // max(1, len(rows)))
         threshold = self._bar(len(rows))
         value = self.values.estimate()
+        no_tree: tuple[list[int], list[int] | None] = ([], None)
         if value.max() < threshold:  # no node would be kept: skip the work
-            return [[] for _ in req_ids]
+            return [no_tree] * len(req_ids)
         self._index_new_tokens(req_ids, rows, lengths, token_ids_cpu)
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
         candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
@@ -423,11 +413,10 @@ class LookaheadProposer:
             _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS)
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
         drafting = self._paying(self.values, classes, num_nodes, threshold, len(rows))
-        trees: list[list[int]] = [[] for _ in req_ids]
+        trees = [no_tree] * len(req_ids)
         for i in drafting:
             n = num_nodes[i]
-            trees[i] = tokens[i, :n].tolist()
-            self.tree_parents[req_ids[i]] = parents[i, :n].tolist()
+            trees[i] = (tokens[i, :n].tolist(), parents[i, :n].tolist())
             self._layouts[req_ids[i]] = (int(used_columns[i]), int(filled[i]), classes[i, :n])
         self._stats[0] += len(drafting)
         self._stats[1] += int(num_nodes[drafting].sum())
@@ -442,32 +431,29 @@ class LookaheadProposer:
                 context, self.config.ngram - 1, self.config.window)
         return window
 
-    def observe_verification(self, req_ids: list[str], argmax: np.ndarray,
-                             cu_rows: np.ndarray, accepted: np.ndarray,
-                             path: np.ndarray | None = None) -> None:
-        """Called by the tree runtime after each verification: ``argmax``
-        holds the target's argmax of every logits row (request i's rows are
-        ``cu_rows[i]:cu_rows[i+1]``: its root, then its nodes in order),
-        ``accepted`` the accepted tokens per request and ``path`` [batch,
-        max_draft] the request-local nodes of each accepted path."""
+    def observe_verification(self, verification: Verification) -> None:
+        """After each tree step: the target's argmax at the deepest window
+        level becomes the window's new level (each column completing one
+        n-gram for the pool), and the offered and accepted node classes feed
+        the acceptance estimates."""
         started = time.perf_counter()
-        self._stats[2] += int(accepted.sum())
+        v = verification
+        self._stats[2] += int(v.accepted.sum())
         grown, ngrams, offered, taken = [], [], [], []
-        for i, req_id in enumerate(req_ids):
+        for i, req_id in enumerate(v.req_ids):
             layout = self._layouts.pop(req_id, None)
             window = self._windows.get(req_id)
             if layout is None or window is None:
                 continue
             w, filled, classes = layout
-            verified = int(cu_rows[i + 1] - cu_rows[i] - 1)
-            offered.append(classes[:verified])
-            if path is not None:
-                taken.append(classes[path[i, :accepted[i]]])
-            deepest = cu_rows[i] + 1 + (filled - 1) * w
+            node_argmax = v.node_argmax(i)
+            offered.append(classes[:len(node_argmax)])
+            taken.append(classes[v.accepted_path(i)])
+            deepest = (filled - 1) * w
             # Trimmed by the scheduler, or the window moved on: no update.
-            if w == 0 or deepest + w > cu_rows[i + 1] or filled != window.filled:
+            if w == 0 or deepest + w > len(node_argmax) or filled != window.filled:
                 continue
-            completed = window.advance(argmax[deepest:deepest + w].astype(np.int32))
+            completed = window.advance(node_argmax[deepest:deepest + w].astype(np.int32))
             if completed is not None:
                 grown += [req_id] * len(completed)
                 ngrams.append(completed)

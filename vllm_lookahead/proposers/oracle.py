@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.tree import runtime
+from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
 
 
 class OracleTreeProposer:
+    """A ``tree.protocol.TreeDrafter`` (custom class
+    ``vllm_lookahead.proposers.oracle.OracleTreeProposer``)."""
+
     def __init__(self, vllm_config: Any):
-        runtime.check_supported(vllm_config)
         config = (vllm_config.additional_config or {}).get("oracle")
         if not isinstance(config, dict):
             raise ValueError('OracleTreeProposer needs additional_config["oracle"]')
@@ -38,17 +40,21 @@ class OracleTreeProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.rng = np.random.default_rng(config.get("seed", 0))
         self.log_path = config.get("log")
-        self.tree_parents: dict[str, list[int]] = {}
         self._req_ids: list[str] = []
         self._greedy: list[bool] = []
 
     def load_model(self, *args, **kwargs) -> None:
         """No model."""
 
-    def bind_batch(self, req_ids: list[str], greedy: list[bool] | None = None,
-                   **batch_info) -> None:
-        self._req_ids = req_ids
-        self._greedy = greedy or [False] * len(req_ids)
+    def bind_batch(self, batch: BatchInfo) -> None:
+        self._req_ids = batch.req_ids
+        self._greedy = batch.greedy
+
+    def step_started(self) -> None:
+        """No timing."""
+
+    def observe_verification(self, verification: Verification) -> None:
+        """The planted depths are logged when drafted."""
 
     def _continuation(self, history: np.ndarray) -> list[int] | None:
         n = len(history)
@@ -99,17 +105,21 @@ class OracleTreeProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None) -> list[list[int]]:
-        self.tree_parents = {}
-        drafts: list[list[int]] = []
+        """vLLM's custom-class entry point (the plugin calls ``draft``)."""
+        return self.draft(DraftInputs(sampled_token_ids, num_tokens_no_spec,
+                                      token_ids_cpu)).tokens
+
+    def draft(self, inputs: DraftInputs) -> Drafts:
+        sampled_token_ids = inputs.sampled_token_ids
+        num_tokens_no_spec, token_ids_cpu = inputs.num_tokens, inputs.token_ids
+        drafts = Drafts.empty(len(sampled_token_ids))
         planted: list[int] = []
         for row, sampled in enumerate(sampled_token_ids):
-            req_id = self._req_ids[row]
             cont = None
             if sampled and self._greedy[row]:
                 cont = self._continuation(token_ids_cpu[row, : num_tokens_no_spec[row]])
             room = self.max_model_len - int(num_tokens_no_spec[row])
             if not sampled or room <= 0:
-                drafts.append([])
                 continue
             if cont is not None and len(cont) >= 2:
                 tokens, parents, depth = self._tree(cont)
@@ -117,10 +127,8 @@ class OracleTreeProposer:
             elif cont is None:
                 tokens, parents = self._random_tree()
             else:
-                drafts.append([])
                 continue
-            drafts.append(tokens[:room])
-            self.tree_parents[req_id] = parents[:room]
+            drafts.tokens[row], drafts.parents[row] = tokens[:room], parents[:room]
         if self.log_path and planted:
             with open(self.log_path, "a", encoding="utf-8") as f:
                 f.write(" ".join(map(str, planted)) + "\n")

@@ -34,26 +34,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from vllm_lookahead.config import StagedConfig
-from vllm_lookahead.ops import NgramPool
+from vllm_lookahead.proposers.pool import NgramPool
+from vllm_lookahead.tree.protocol import (BatchInfo, DraftForward, DraftInputs, Drafts,
+                                          Verification)
 
 logger = logging.getLogger(__name__)
 
 STATS_EVERY_STEPS = int(os.environ.get("VLLM_LOOKAHEAD_LOG_EVERY", "500"))
 # Longest span of unread tokens the draft reads in one forward per request.
 PREFILL_CHUNK = 512
-
-# forward(rows, starts, tokens, num_logits) -> logits [sum(num_logits), V]:
-# runs the draft over tokens[i] at positions starts[i].. for batch row
-# rows[i] (writing their KV) and returns the logits of the last
-# num_logits[i] tokens of each row, rows in order.
-DraftForward = Callable[[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray], torch.Tensor]
 
 
 class _Chain:
@@ -99,7 +94,8 @@ def _top_tokens(logits: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class StagedDrafter:
-    """Builds the drafts (trees or chains) of every request of a step."""
+    """Builds the drafts (trees or chains) of every request of a step; a
+    ``tree.protocol.TreeDrafter``."""
 
     def __init__(self, config: StagedConfig, num_speculative_tokens: int,
                  max_model_len: int, max_num_seqs: int, vocab_size: int):
@@ -108,8 +104,6 @@ class StagedDrafter:
         self.depth = min(config.depth or self.k, self.k)
         self.children = config.children if config.tree else 1
         self.max_model_len = max_model_len
-        # The tree runtime verifies trees whenever this is a dict.
-        self.tree_parents: dict[str, list[int]] | None = {} if config.tree else None
         self.pool = NgramPool(
             max_requests=max_num_seqs, vocab_size=vocab_size, ngram=config.ngram,
             key_len=config.key_len, capacity=config.capacity, buckets=config.buckets,
@@ -128,13 +122,13 @@ class StagedDrafter:
     # ------------------------------------------------------------------
     # Batch bookkeeping.
 
-    def bind_batch(self, req_ids: list[str], trees_verified: bool = False) -> None:
-        """Row -> request map of the coming ``propose``, and whether the tree
+    def bind_batch(self, batch: BatchInfo) -> None:
+        """Row -> request map of the coming ``draft``, and whether the tree
         runtime verifies this batch. State of requests that left the batch is
         dropped; one that comes back is re-read from its first token."""
-        self._batch_req_ids = list(req_ids)
-        self._batch_trees = trees_verified and self.tree_parents is not None
-        present = set(req_ids)
+        self._batch_req_ids = list(batch.req_ids)
+        self._batch_trees = batch.trees_verified and self.config.tree
+        present = set(batch.req_ids)
         for req_id in [r for r in self._valid if r not in present]:
             self._drop(req_id)
 
@@ -195,21 +189,29 @@ class StagedDrafter:
     # ------------------------------------------------------------------
     # Drafting.
 
-    def propose(self, sampled_token_ids: list[list[int]], num_tokens: np.ndarray,
-                token_ids: np.ndarray, capacity: np.ndarray,
-                forward: DraftForward) -> list[list[int]]:
-        """Drafts for every batch row (empty for rows in prefill).
-        ``num_tokens[row]`` verified tokens of each row are in
-        ``token_ids[row]``; ``capacity[row]`` positions have KV slots."""
+    def step_started(self) -> None:
+        """No step timing (yet)."""
+
+    def observe_verification(self, verification: Verification) -> None:
+        """The draft's own state follows the verified tokens (``draft``)."""
+
+    def draft(self, inputs: DraftInputs) -> Drafts:
+        """Drafts for every batch row (empty for rows in prefill):
+        ``inputs.num_tokens[row]`` verified tokens of each row are in
+        ``inputs.token_ids[row]``; ``inputs.draft_model`` has KV slots for
+        ``kv_capacity[row]`` positions."""
+        if inputs.draft_model is None:
+            raise RuntimeError("the staged drafter needs vLLM's draft model")
+        sampled_token_ids, num_tokens, token_ids = (
+            inputs.sampled_token_ids, inputs.num_tokens, inputs.token_ids)
+        capacity, forward = inputs.draft_model.kv_capacity, inputs.draft_model.forward
         req_ids = self._batch_req_ids
         if req_ids is None or len(req_ids) != len(sampled_token_ids):
             raise RuntimeError(
                 "staged drafter called without the batch's request ids; the "
                 "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
-        if self.tree_parents is not None:
-            self.tree_parents = {}
-        drafts: list[list[int]] = [[] for _ in sampled_token_ids]
+        drafts = Drafts.empty(len(sampled_token_ids))
         # Rows out of prefill, below max_model_len, with a KV slot for their
         # last token.
         rows = [r for r, s in enumerate(sampled_token_ids)
@@ -218,11 +220,11 @@ class StagedDrafter:
         if not rows:
             return drafts
         chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward)
-        for req_id, chain in zip([req_ids[r] for r in rows], chains):
+        for chain in chains:
             tokens, parents = self._layout(chain)
-            drafts[chain.row] = tokens
+            drafts.tokens[chain.row] = tokens
             if self._batch_trees and parents != list(range(-1, len(tokens) - 1)):
-                self.tree_parents[req_id] = parents
+                drafts.parents[chain.row] = parents
             self.counters[4] += len(tokens)
         self.counters[0] += 1
         self.counters[1] += len(rows)

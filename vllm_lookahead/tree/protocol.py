@@ -1,0 +1,127 @@
+"""The typed interface between proposers and the tree runtime.
+
+A proposer that drafts token trees implements :class:`TreeDrafter`. Per
+engine step the model runner (``vllm_lookahead.vllm.model_runner``) calls, in
+this order:
+
+1. ``bind_batch(BatchInfo)``: which request each batch row is, and what the
+   step that just ran scheduled;
+2. ``draft(DraftInputs) -> Drafts``: the drafts of every row, a chain or a
+   tree (``parents``) each;
+3. ``step_started()``: the next target forward starts (for step timing);
+4. ``observe_verification(Verification)``: what the target predicted at
+   every node of the drafts the runtime verified as trees, and the accepted
+   path of every request.
+
+Nothing passes between them through attributes or module state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+# A causal forward of the draft model (staged cascade): rows, start
+# positions, tokens per row, logits rows wanted per row -> logits.
+DraftForward = Callable[[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """The batch of the coming ``draft`` call, one entry per row."""
+
+    req_ids: list[str]
+    greedy: list[bool]
+    # Whether the runtime verifies this batch's trees (else drafts are
+    # verified as chains by vLLM's rejection sampler: a tree is cut to its
+    # first chain by the drafter).
+    trees_verified: bool
+    prompt_lens: list[int]
+    extra_args: list[dict[str, Any] | None]
+    # Tokens the step that just ran scheduled (its forward's size).
+    scheduled_tokens: int
+
+
+@dataclass(frozen=True)
+class DraftModel:
+    """The draft model of vLLM's ``draft_model`` method (staged cascade):
+    KV positions each row has slots for, and a forward over its KV cache."""
+
+    kv_capacity: np.ndarray  # int64 [rows]
+    forward: DraftForward
+
+
+@dataclass(frozen=True)
+class DraftInputs:
+    """What vLLM knows of every row after a step."""
+
+    sampled_token_ids: list[list[int]]  # tokens the step produced per row
+    num_tokens: np.ndarray  # verified tokens per row
+    token_ids: np.ndarray  # [max_rows, max_model_len]: row r's tokens
+    draft_model: DraftModel | None = None
+
+
+@dataclass(frozen=True)
+class Drafts:
+    """Per row: draft tokens, and the parent of each (request-local index,
+    -1: a child of the last verified token, parents before children), or
+    None for a chain."""
+
+    tokens: list[list[int]]
+    parents: list[list[int] | None]
+
+    @classmethod
+    def empty(cls, rows: int) -> Drafts:
+        return cls([[] for _ in range(rows)], [None] * rows)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents):
+            raise ValueError(f"{len(self.tokens)} token lists but {len(self.parents)} "
+                             "parent lists")
+        for row, (tokens, parents) in enumerate(zip(self.tokens, self.parents)):
+            if parents is None:
+                continue
+            if len(parents) != len(tokens):
+                raise ValueError(f"row {row}: {len(tokens)} tokens but {len(parents)} parents")
+            if any(not -1 <= p < i for i, p in enumerate(parents)):
+                raise ValueError(f"row {row}: a parent must come before its child: {parents}")
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What the target predicted on a step the runtime verified. Request i
+    (``req_ids[i]``, batch row i) owns logits rows ``cu_rows[i]:cu_rows[i+1]``:
+    its root (the last verified token), then one row per draft node in draft
+    order; ``argmax`` is the target's argmax at every row. ``accepted[i]``
+    draft tokens were accepted, along the request-local nodes
+    ``path[i, :accepted[i]]``."""
+
+    req_ids: list[str]
+    argmax: np.ndarray  # int32 [rows]
+    cu_rows: np.ndarray  # int64 [batch + 1]
+    accepted: np.ndarray  # int64 [batch]
+    path: np.ndarray  # int64 [batch, max_draft], -1 padded
+
+    def node_argmax(self, i: int) -> np.ndarray:
+        """The target's argmax after each of request i's draft nodes."""
+        return self.argmax[self.cu_rows[i] + 1:self.cu_rows[i + 1]]
+
+    def accepted_path(self, i: int) -> np.ndarray:
+        return self.path[i, :self.accepted[i]]
+
+
+@runtime_checkable
+class TreeDrafter(Protocol):
+    """A proposer whose drafts the tree runtime verifies."""
+
+    def bind_batch(self, batch: BatchInfo) -> None: ...
+
+    def draft(self, inputs: DraftInputs) -> Drafts: ...
+
+    def step_started(self) -> None: ...
+
+    def observe_verification(self, verification: Verification) -> None: ...

@@ -1,0 +1,162 @@
+"""vLLM's model runner: the drafts of a :class:`TreeDrafter` go through the
+tree runtime, which the runner owns (one per runner)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_lookahead.tree.backends import adapter_for
+from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, TreeDrafter
+from vllm_lookahead.tree.runtime import TreeRuntime, raw_argmax_is_greedy, tree_eligible
+from vllm_lookahead.vllm import Patch, draft_model
+from vllm_lookahead.vllm.attention import TreeAttention
+
+# The runner's own state, kept in its instance dict.
+_DRAFTER = "_vllm_lookahead_drafter"
+_RUNTIME = "_vllm_lookahead_runtime"
+_STAGED = "_vllm_lookahead_staged"
+
+
+def tree_drafter(runner: Any) -> TreeDrafter | None:
+    """The runner's drafter when it is one of this package's (the staged
+    drafter, built on first use next to vLLM's draft-model proposer, or a
+    custom-class TreeDrafter), else None."""
+    if _DRAFTER not in runner.__dict__:
+        drafter = draft_model.make_staged_drafter(runner)
+        runner.__dict__[_STAGED] = drafter is not None
+        if drafter is None and isinstance(runner.__dict__.get("drafter"), TreeDrafter):
+            drafter = runner.drafter
+        runner.__dict__[_DRAFTER] = drafter
+        runner.__dict__[_RUNTIME] = (TreeRuntime(drafter, runner.device)
+                                     if drafter is not None else None)
+    return runner.__dict__[_DRAFTER]
+
+
+def tree_runtime(runner: Any) -> TreeRuntime | None:
+    tree_drafter(runner)
+    return runner.__dict__[_RUNTIME]
+
+
+def trees_verifiable(input_batch: Any, params: list[Any]) -> bool:
+    """Whether the tree runtime can verify this batch: every request's target
+    tokens are plain argmax / temperature, top-k, top-p samples, and no
+    logits processor beyond vLLM's built-in ones (min-p, logit bias, min
+    tokens, which act only through the SamplingParams fields
+    ``runtime.tree_eligible`` checks) is loaded."""
+    metadata = input_batch.sampling_metadata
+    builtin = "vllm.v1.sample.logits_processor.builtin"
+    return bool(not input_batch.num_logprobs
+                and all(tree_eligible(p) for p in params)
+                and raw_argmax_is_greedy(metadata)
+                and all(type(proc).__module__ == builtin
+                        for proc in metadata.logitsprocs.all))
+
+
+def _bind_attention_layers(runner: Any, runtime: TreeRuntime) -> None:
+    """Give every attention layer's impl the runtime; an attention layer
+    whose backend has no tree adapter stops the engine here (its tree rows
+    would otherwise get causal attention)."""
+    for layer in runner.compilation_config.static_forward_context.values():
+        impl = getattr(layer, "impl", None)
+        backend = getattr(layer, "attn_backend", None)
+        if impl is None or backend is None:
+            continue
+        if not isinstance(impl, TreeAttention):
+            adapter_for(backend.get_name())  # raises, naming the backend
+            raise NotImplementedError(
+                f"tree speculation: the {backend.get_name()} attention backend of this "
+                "engine is not vllm_lookahead's subclass; another plugin overrides it")
+        impl.tree_runtime = runtime
+
+
+class GPUModelRunnerPatch(Patch):
+    """Tells a TreeDrafter its batch (``bind_batch``: rows are reordered as
+    requests join and leave, and vLLM's custom-class ``propose`` receives rows
+    only), hands its drafts to vLLM and their parents to the runtime, sets up
+    each tree step after vLLM prepared the inputs, and verifies tree steps
+    with the runtime instead of vLLM's rejection sampler. Batches the runtime
+    cannot verify (penalties, logprobs, ...) verify the same drafts as chains
+    with vLLM's own rejection sampler (exact too)."""
+
+    target = GPUModelRunner
+
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                *args, **kwargs):
+        drafter = tree_drafter(self)
+        if drafter is None:
+            original = GPUModelRunnerPatch.original("propose_draft_token_ids")
+            return original(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                            *args, **kwargs)
+        if not isinstance(sampled_token_ids, list):
+            raise RuntimeError("vllm_lookahead drafters need the sampled tokens as lists "
+                               "(disable_padded_drafter_batch, set at engine start)")
+        batch = self.input_batch
+        num_reqs = batch.num_reqs
+        req_ids = list(batch.req_ids[:num_reqs])
+        params = [self.requests[r].sampling_params for r in req_ids]
+        drafter.bind_batch(BatchInfo(
+            req_ids=req_ids, greedy=[r in batch.greedy_reqs for r in req_ids],
+            trees_verified=trees_verifiable(batch, params),
+            prompt_lens=batch.num_prompt_tokens[:num_reqs].tolist(),
+            extra_args=[p.extra_args for p in params],
+            scheduled_tokens=scheduler_output.total_num_scheduled_tokens))
+        drafts = drafter.draft(DraftInputs(
+            sampled_token_ids=sampled_token_ids,
+            num_tokens=batch.num_tokens_no_spec[:num_reqs],
+            token_ids=batch.token_ids_cpu,
+            draft_model=(draft_model.draft_model(self, num_reqs)
+                         if self.__dict__[_STAGED] else None)))
+        return tree_runtime(self).set_drafts(req_ids, drafts)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
+        """A tree step starts where the drafter's trees were scheduled and
+        the batch is verifiable."""
+        drafter = tree_drafter(self)
+        if drafter is not None:
+            drafter.step_started()
+        original = GPUModelRunnerPatch.original("_prepare_inputs")
+        result = original(self, scheduler_output, num_scheduled_tokens)
+        runtime = tree_runtime(self)
+        if runtime is None:
+            return result
+        runtime.end_step()
+        if not runtime.has_pending_trees or not scheduler_output.scheduled_spec_decode_tokens:
+            runtime.discard_drafts()
+            return result
+        num_reqs = self.input_batch.num_reqs
+        req_ids = list(self.input_batch.req_ids[:num_reqs])
+        params = [self.requests[r].sampling_params for r in req_ids]
+        if not trees_verifiable(self.input_batch, params):
+            runtime.discard_drafts()
+            return result
+        if not runtime.layers_bound:
+            _bind_attention_layers(self, runtime)
+            runtime.layers_bound = True
+        kv_caches = self.kv_caches
+        block_table = self.input_batch.block_table.block_tables[0]
+        runtime.begin_step(
+            req_ids=req_ids,
+            scheduled_drafts=scheduler_output.scheduled_spec_decode_tokens,
+            sampling_rows=runtime.batch_sampling(req_ids, params),
+            num_computed=self.input_batch.num_computed_tokens_cpu[:num_reqs],
+            query_start=self.query_start_loc.np[: num_reqs + 1],
+            positions=self.positions,
+            slot_mapping=block_table.slot_mapping.gpu,
+            block_table=block_table.get_device_tensor(num_reqs),
+            kv_caches=list(kv_caches.values()) if isinstance(kv_caches, dict)
+            else list(kv_caches),
+        )
+        return result
+
+    def _sample(self, logits, spec_decode_metadata):
+        runtime = tree_runtime(self)
+        if (runtime is None or runtime.current is None or spec_decode_metadata is None
+                or logits is None):
+            return GPUModelRunnerPatch.original("_sample")(self, logits, spec_decode_metadata)
+        sampled = runtime.accept_and_compact(
+            spec_decode_metadata.draft_token_ids,
+            list(spec_decode_metadata.num_draft_tokens), logits)
+        return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
