@@ -193,6 +193,40 @@ def make_llm(model: str, method: Method, max_model_len: int = 2048,
     )
 
 
+def spec_counters(llm) -> dict[str, int]:
+    """vLLM's own speculative-decoding counters of ``llm`` so far: drafted
+    steps, draft tokens and accepted tokens (``vllm:spec_decode_num_*``)."""
+    metrics = llm.get_metrics()
+    return {key: _counter(metrics, f"vllm:spec_decode_num_{key}")
+            for key in ("drafts", "draft_tokens", "accepted_tokens")}
+
+
+def generate_batches(llm, name: str, prompts: list[str], max_tokens: int,
+                     batch_size: int) -> RunResult:
+    """Greedy-generate ``prompts`` on ``llm``, ``batch_size`` at a time
+    (each batch one ``generate`` call), timed, with vLLM's spec-decode
+    counters over exactly these calls."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    before = spec_counters(llm)
+    token_ids: list[list[int]] = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        outputs = llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
+        token_ids += [list(o.outputs[0].token_ids) for o in outputs]
+    seconds = time.perf_counter() - start
+    after = spec_counters(llm)
+    return RunResult(
+        method=name, batch_size=batch_size,
+        output_tokens=sum(len(t) for t in token_ids), seconds=seconds,
+        accepted_tokens=after["accepted_tokens"] - before["accepted_tokens"],
+        drafts=after["drafts"] - before["drafts"],
+        draft_tokens=after["draft_tokens"] - before["draft_tokens"],
+        token_ids=token_ids,
+    )
+
+
 def run_method(model: str, method: Method, prompts: list[str], max_tokens: int,
                batch_size: int, warmup: bool = True, **llm_kwargs: Any) -> RunResult:
     """Greedy-generate ``prompts`` ``batch_size`` at a time with one engine."""
@@ -200,30 +234,10 @@ def run_method(model: str, method: Method, prompts: list[str], max_tokens: int,
 
     llm = make_llm(model, method, max_num_seqs=max(batch_size, 1), **llm_kwargs)
     try:
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
         if warmup:
             llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=4),
                          use_tqdm=False)
-        before = llm.get_metrics()
-        token_ids: list[list[int]] = []
-        start = time.perf_counter()
-        for i in range(0, len(prompts), batch_size):
-            outputs = llm.generate(prompts[i:i + batch_size], params, use_tqdm=False)
-            token_ids += [list(o.outputs[0].token_ids) for o in outputs]
-        seconds = time.perf_counter() - start
-        after = llm.get_metrics()
+        return generate_batches(llm, method.name, prompts, max_tokens, batch_size)
     finally:
         del llm
         gc.collect()
-
-    def delta(name: str) -> int:
-        return _counter(after, name) - _counter(before, name)
-
-    return RunResult(
-        method=method.name, batch_size=batch_size,
-        output_tokens=sum(len(t) for t in token_ids), seconds=seconds,
-        accepted_tokens=delta("vllm:spec_decode_num_accepted_tokens"),
-        drafts=delta("vllm:spec_decode_num_drafts"),
-        draft_tokens=delta("vllm:spec_decode_num_draft_tokens"),
-        token_ids=token_ids,
-    )
