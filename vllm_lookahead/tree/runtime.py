@@ -139,9 +139,8 @@ def _int32(array: Any) -> torch.Tensor:
 class TreeRuntime:
     """Verifies one drafter's token trees in one model runner."""
 
-    def __init__(self, drafter: TreeDrafter, device: torch.device | str = "cpu"):
+    def __init__(self, drafter: TreeDrafter):
         self.drafter = drafter
-        self.device = torch.device(device)
         # Parents of the drafts last handed to vLLM, by request.
         self._parents: dict[str, list[int]] = {}
         self._step: TreeStep | None = None

@@ -9,7 +9,7 @@ and classmethods replace the target's. One module per vLLM component:
 | ``engine`` | ``EngineArgs`` (startup validation), ``VllmConfig`` (CUDA graph mode, model runner) |
 | ``model_runner`` | ``GPUModelRunner`` (drafts to the tree runtime, tree steps, tree acceptance) |
 | ``sampler`` | ``RejectionSampler`` (exact greedy rows in mixed batches) |
-| ``attention`` | ``CpuPlatform`` (FLEX_ATTENTION on CPU) and the attention backends, subclassed and registered through vLLM's backend registry (``attention_cuda`` for the CUDA ones) |
+| ``attention`` | ``CpuPlatform``, ``FlexAttentionMetadata`` (FLEX_ATTENTION on CPU) and the attention backends, subclassed and registered through vLLM's backend registry (``attention_cuda`` for the CUDA ones) |
 | ``draft_model`` | vLLM's draft-model proposer, driven by the staged cascade |
 | ``cli`` | ``importlib.metadata`` alias for the CPU wheel (``vllm_lookahead.serve`` only) |
 
@@ -101,7 +101,7 @@ def apply_all() -> None:
 
     for patch in (engine.EngineArgsPatch, engine.VllmConfigPatch,
                   model_runner.GPUModelRunnerPatch, sampler.RejectionSamplerPatch,
-                  attention.CpuPlatformPatch):
+                  attention.CpuPlatformPatch, attention.FlexAttentionMetadataPatch):
         patch.apply()
     attention.register_tree_backends()
 

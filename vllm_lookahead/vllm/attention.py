@@ -7,7 +7,8 @@ process (``register_tree_backends``, from the plugin). The CUDA backends'
 subclasses live in ``attention_cuda`` so that this module imports on CPU.
 On CPU, ``attention_config={"backend": "FLEX_ATTENTION"}`` selects vLLM's
 FLEX_ATTENTION backend (the CUDA backends' LBNHC layout, run on CPU), which
-vLLM's CPU platform otherwise ignores.
+vLLM's CPU platform otherwise ignores; its block mask is then built the
+generic way, in eager mode (``FLEX_ON_CPU``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
-from vllm.v1.attention.backends.flex_attention import FlexAttentionBackend, FlexAttentionImpl
+from vllm.v1.attention.backends.flex_attention import (
+    FlexAttentionBackend, FlexAttentionImpl, FlexAttentionMetadata,
+)
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
 from vllm_lookahead.tree.backends import KVLayoutAdapter, adapter_for
@@ -143,3 +146,43 @@ class CpuPlatformPatch(Patch):
             return AttentionBackendEnum.FLEX_ATTENTION.get_path()
         original = CpuPlatformPatch.original("get_attn_backend_cls")
         return original(selected_backend, attn_selector_config, num_heads)
+
+
+# FLEX_ATTENTION on CPU (torch 2.13's Inductor): the direct block mask (cache
+# block size == mask block size) fails the CPU flex kernel's size check (its
+# KV blocks span max_seq_len, the key tensor the whole cache), and the
+# compiled generic builder does not compile (C++ VecMask type error); the
+# generic builder in eager mode works.
+FLEX_ON_CPU = {"block_size": 16, "flex_attn_kv_block_size": 128}
+
+
+def check_flex_on_cpu(vllm_config: Any) -> None:
+    """FLEX_ATTENTION on CPU needs the generic block mask: a cache block
+    size other than FLEX's KV mask block size."""
+    backend = vllm_config.attention_config.backend
+    if (vllm_config.device_config.device_type != "cpu" or backend is None
+            or backend != AttentionBackendEnum.FLEX_ATTENTION):
+        return
+    mask_block = vllm_config.attention_config.flex_attn_kv_block_size
+    if mask_block is None or mask_block == vllm_config.cache_config.block_size:
+        raise ValueError(
+            "FLEX_ATTENTION on CPU needs a cache block size other than its KV mask block "
+            f"size (got block_size={vllm_config.cache_config.block_size}, "
+            f"flex_attn_kv_block_size={mask_block}): pass block_size=16 and "
+            'attention_config={"backend": "FLEX_ATTENTION", "flex_attn_kv_block_size": 128}')
+
+
+class FlexAttentionMetadataPatch(Patch):
+    """On CPU, FLEX's generic block mask in eager mode (see FLEX_ON_CPU)."""
+
+    target = FlexAttentionMetadata
+
+    def build_block_mask(self):
+        if self.block_table.device.type != "cpu":
+            return FlexAttentionMetadataPatch.original("build_block_mask")(self)
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        kv_len = self.total_cache_tokens if self.uses_paged_kv else self.num_actual_tokens
+        return create_block_mask(self.get_mask_mod(), None, None, self.num_actual_tokens,
+                                 kv_len, device=self.block_table.device,
+                                 BLOCK_SIZE=(self.q_block_size, self.kv_block_size))

@@ -15,6 +15,7 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm_lookahead.config import LookaheadConfig, LookaheadConfigError, StagedConfig
 from vllm_lookahead.tree.backends import adapter_for
 from vllm_lookahead.vllm import Patch
+from vllm_lookahead.vllm.attention import check_flex_on_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class EngineArgsPatch(Patch):
         _staged_engine_args(self)
         original = EngineArgsPatch.original("create_engine_config")
         vllm_config = original(self, *args, **kwargs)
+        check_flex_on_cpu(vllm_config)
         _check_staged(vllm_config)
         if uses_vllm_lookahead(vllm_config):
             spec = vllm_config.speculative_config

@@ -30,8 +30,7 @@ def tree_drafter(runner: Any) -> TreeDrafter | None:
         if drafter is None and isinstance(runner.__dict__.get("drafter"), TreeDrafter):
             drafter = runner.drafter
         runner.__dict__[_DRAFTER] = drafter
-        runner.__dict__[_RUNTIME] = (TreeRuntime(drafter, runner.device)
-                                     if drafter is not None else None)
+        runner.__dict__[_RUNTIME] = TreeRuntime(drafter) if drafter is not None else None
     return runner.__dict__[_DRAFTER]
 
 
