@@ -2,7 +2,9 @@
 
 Tree attention: the compiled op vs torch SDPA over the gathered prefix + tree
 keys with a dense boolean mask (the mask built per step in Python, as an
-integration without the op would do), and vs the float64 reference.
+integration without the op would do), vs FlexAttention (compiled) over the
+packed batch with the same mask as a block mask (``--flex``, default on
+CUDA), and vs the float64 reference.
 KV compaction: the op vs torch index_copy_ per layer. Runs on CUDA when
 available (--device cuda), else CPU. Prints a Markdown table.
 """
@@ -72,6 +74,46 @@ def sdpa_dense(q, tk, tv, kc, vc, table, prefix, cu, parents, scale):
     return torch.cat(outs)
 
 
+def flex_dense(q, tk, tv, kc, vc, table, prefix, cu, parents, scale, flex):
+    """The whole batch as one packed sequence for FlexAttention: every
+    request's gathered prefix then its tree keys; the allowed (query, key)
+    pairs as a dense mask turned into a block mask each step."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block = kc.shape[1]
+    keys, values, allowed_rows = [], [], []
+    total = 0
+    spans = []
+    for b in range(len(prefix)):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        pos = torch.arange(int(prefix[b]), device=q.device)
+        slots = table[b, pos // block].long() * block + pos % block
+        keys.append(torch.cat([kc.flatten(0, 1)[slots], tk[lo:hi]]))
+        values.append(torch.cat([vc.flatten(0, 1)[slots], tv[lo:hi]]))
+        spans.append((lo, hi, total, len(pos)))
+        total += len(pos) + hi - lo
+    allowed = torch.zeros(len(q), total, dtype=torch.bool, device=q.device)
+    for lo, hi, start, p in spans:
+        n = hi - lo
+        anc = torch.eye(n, dtype=torch.bool, device=q.device)
+        par = parents[lo:hi].tolist()
+        for i in range(n):
+            if par[i] >= 0:
+                anc[i] |= anc[par[i]]
+        allowed[lo:hi, start:start + p] = True
+        allowed[lo:hi, start + p:start + p + n] = anc
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed[q_idx, kv_idx]
+
+    mask = create_block_mask(mask_mod, None, None, len(q), total, device=q.device)
+    k = torch.cat(keys).transpose(0, 1)[None]
+    v = torch.cat(values).transpose(0, 1)[None]
+    out = flex(q.transpose(0, 1)[None], k, v, block_mask=mask, scale=scale,
+               enable_gqa=q.shape[1] != tk.shape[1])
+    return out[0].transpose(0, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,15 +124,22 @@ def main() -> None:
     parser.add_argument("--head-size", type=int, default=64)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--nodes", default="16,64")
+    parser.add_argument("--flex", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time FlexAttention (default: on CUDA)")
     args = parser.parse_args()
     dev, dtype = args.device, getattr(torch, args.dtype)
     torch.manual_seed(0)
     block, D = 16, args.head_size
     print(f"device {dev}, {args.dtype}, heads {args.heads}/{args.kv_heads}, head size {D}, "
           f"prefix {args.prefix}, threads {torch.get_num_threads()}\n")
+    use_flex = dev == "cuda" if args.flex is None else args.flex
+    if use_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention) if dev == "cuda" else flex_attention
     print("| batch | nodes/req | tree_attention op ms | SDPA + dense mask ms | speedup "
-          "| max abs err vs fp64 ref | kv_compact op ms (24 layers) | index_copy_ ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| FlexAttention ms | max abs err vs fp64 ref | kv_compact op ms (24 layers) "
+          "| index_copy_ ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in map(int, args.batches.split(",")):
         for nodes in map(int, args.nodes.split(",")):
             parents, cu = chain_forest(batch, nodes)
@@ -108,6 +157,13 @@ def main() -> None:
             t_op = timed(lambda: ops.tree_attention(*call), dev)
             t_sdpa = timed(lambda: sdpa_dense(q, tk, tv, kc, vc, on(table), prefix, cu,
                                               parents, D ** -0.5), dev)
+            t_flex = "-"
+            if use_flex:
+                flex_call = (q, tk, tv, kc, vc, on(table), prefix, cu, parents, D ** -0.5, flex)
+                flex_err = (flex_dense(*flex_call).float().cpu()
+                            - ops.tree_attention(*call).float().cpu()).abs().max().item()
+                assert flex_err < (2e-2 if dtype != torch.float32 else 1e-3), flex_err
+                t_flex = f"{timed(lambda: flex_dense(*flex_call), dev):.3f}"
             got = ops.tree_attention(*call).float().cpu()
             ref = reference.tree_attention(*(t.cpu() if torch.is_tensor(t) else t
                                                  for t in call)).float()
@@ -127,7 +183,7 @@ def main() -> None:
 
             t_copy = timed(index_copy, dev)
             print(f"| {batch} | {nodes} | {t_op:.3f} | {t_sdpa:.3f} | {t_sdpa / t_op:.1f}x "
-                  f"| {err:.1e} | {t_compact:.3f} | {t_copy:.3f} |", flush=True)
+                  f"| {t_flex} | {err:.1e} | {t_compact:.3f} | {t_copy:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
