@@ -8,9 +8,10 @@ output must equal plain vLLM's. Requests it knows nothing of (sampled ones,
 or all of them without a reference) get random trees of random tokens, which
 on a small vocabulary are often accepted: the sampling-distribution test's
 instrument. Configure with ``additional_config={"oracle": {"reference": PATH,
-"seed": 0, "log": PATH}}``: ``reference`` (optional) is a JSON list of token
-sequences (prompt followed by the greedy output); each step appends the
-planted depths to ``log``.
+"seed": 0, "log": PATH, "verified_log": PATH}}``: ``reference`` (optional) is
+a JSON list of token sequences (prompt followed by the greedy output); each
+step appends the planted depths to ``log``, and each verified step a line
+``request planted accepted`` per planted request to ``verified_log``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class OracleTreeProposer:
         self.max_model_len = vllm_config.model_config.max_model_len
         self.rng = np.random.default_rng(config.get("seed", 0))
         self.log_path = config.get("log")
+        self.verified_log_path = config.get("verified_log")
+        # Planted depth of each request's tree in the last drafts.
+        self._planted: dict[str, int] = {}
         self._req_ids: list[str] = []
         self._greedy: list[bool] = []
 
@@ -54,7 +58,13 @@ class OracleTreeProposer:
         """No timing."""
 
     def observe_verification(self, verification: Verification) -> None:
-        """The planted depths are logged when drafted."""
+        if not self.verified_log_path:
+            return
+        lines = [f"{req_id} {self._planted[req_id]} {accepted}\n"
+                 for req_id, accepted in zip(verification.req_ids, verification.accepted)
+                 if req_id in self._planted]
+        with open(self.verified_log_path, "a", encoding="utf-8") as f:
+            f.writelines(lines)
 
     def _continuation(self, history: np.ndarray) -> list[int] | None:
         n = len(history)
@@ -114,6 +124,7 @@ class OracleTreeProposer:
         num_tokens_no_spec, token_ids_cpu = inputs.num_tokens, inputs.token_ids
         drafts = Drafts.empty(len(sampled_token_ids))
         planted: list[int] = []
+        self._planted = {}
         for row, sampled in enumerate(sampled_token_ids):
             cont = None
             if sampled and self._greedy[row]:
@@ -124,6 +135,7 @@ class OracleTreeProposer:
             if cont is not None and len(cont) >= 2:
                 tokens, parents, depth = self._tree(cont)
                 planted.append(depth)
+                self._planted[self._req_ids[row]] = depth
             elif cont is None:
                 tokens, parents = self._random_tree()
             else:
