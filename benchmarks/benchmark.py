@@ -211,8 +211,9 @@ def _draft_counts(llm, method: Method) -> tuple[int, int]:
         # vLLM's draft_model: num_speculative_tokens forwards every drafting
         # step (a per-step average that survives summing cells).
         return spec["num_speculative_tokens"], 1
-    stats = llm.collective_rpc(
-        lambda worker: worker.model_runner._vllm_lookahead_staged.stats())[0]
+    from vllm_lookahead.vllm.model_runner import staged_stats
+
+    stats = llm.collective_rpc(staged_stats)[0]
     return stats["draft_forwards"], stats["steps"]
 
 

@@ -74,8 +74,9 @@ def _run(model, draft, prompts, staged, monkeypatch):
     outputs = _tokens(llm.generate(prompts, _params(), use_tqdm=False))
     metrics = {m.name: m.value for m in llm.get_metrics()
                if m.name.startswith("vllm:spec_decode_num_") and hasattr(m, "value")}
-    stats = llm.collective_rpc(
-        lambda worker: worker.model_runner._vllm_lookahead_staged.stats())[0]
+    from vllm_lookahead.vllm.model_runner import staged_stats
+
+    stats = llm.collective_rpc(staged_stats)[0]
     penalised = _tokens(llm.generate(prompts[:3], _penalised(), use_tqdm=False))
     del llm
     return outputs, metrics, stats, penalised

@@ -39,6 +39,12 @@ def tree_runtime(runner: Any) -> TreeRuntime | None:
     return runner.__dict__[_RUNTIME]
 
 
+def staged_stats(worker: Any) -> dict[str, float]:
+    """``LLM.collective_rpc`` target: the staged drafter's counters in a
+    worker (``proposers.staged.StagedDrafter.stats``)."""
+    return tree_drafter(worker.model_runner).stats()
+
+
 def trees_verifiable(input_batch: Any, params: list[Any]) -> bool:
     """Whether the tree runtime can verify this batch: every request's target
     tokens are plain argmax / temperature, top-k, top-p samples, and no
