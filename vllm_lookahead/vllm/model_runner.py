@@ -3,6 +3,7 @@ tree runtime, which the runner owns (one per runner)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.outputs import SamplerOutput
@@ -14,29 +15,41 @@ from vllm_lookahead.tree.runtime import TreeRuntime, raw_argmax_is_greedy, tree_
 from vllm_lookahead.vllm import Patch, draft_model
 from vllm_lookahead.vllm.attention import TreeAttention
 
-# The runner's own state, kept in its instance dict.
-_DRAFTER = "_vllm_lookahead_drafter"
-_RUNTIME = "_vllm_lookahead_runtime"
-_STAGED = "_vllm_lookahead_staged"
+
+
+@dataclass(frozen=True)
+class RunnerSpeculation:
+    """What this package adds to a model runner (kept in its instance dict,
+    built on first use): the drafter when it is one of this package's, its
+    tree runtime, and whether it is the staged drafter (which runs next to
+    vLLM's draft-model proposer, using its model and KV cache)."""
+
+    drafter: TreeDrafter | None
+    runtime: TreeRuntime | None
+    staged: bool
+
+    @classmethod
+    def of(cls, runner: Any) -> RunnerSpeculation:
+        state = runner.__dict__.get(_STATE)
+        if state is None:
+            drafter = draft_model.make_staged_drafter(runner)
+            staged = drafter is not None
+            if not staged and isinstance(runner.__dict__.get("drafter"), TreeDrafter):
+                drafter = runner.drafter
+            state = runner.__dict__[_STATE] = cls(
+                drafter, TreeRuntime(drafter) if drafter is not None else None, staged)
+        return state
+
+
+_STATE = "_vllm_lookahead_speculation"
 
 
 def tree_drafter(runner: Any) -> TreeDrafter | None:
-    """The runner's drafter when it is one of this package's (the staged
-    drafter, built on first use next to vLLM's draft-model proposer, or a
-    custom-class TreeDrafter), else None."""
-    if _DRAFTER not in runner.__dict__:
-        drafter = draft_model.make_staged_drafter(runner)
-        runner.__dict__[_STAGED] = drafter is not None
-        if drafter is None and isinstance(runner.__dict__.get("drafter"), TreeDrafter):
-            drafter = runner.drafter
-        runner.__dict__[_DRAFTER] = drafter
-        runner.__dict__[_RUNTIME] = TreeRuntime(drafter) if drafter is not None else None
-    return runner.__dict__[_DRAFTER]
+    return RunnerSpeculation.of(runner).drafter
 
 
 def tree_runtime(runner: Any) -> TreeRuntime | None:
-    tree_drafter(runner)
-    return runner.__dict__[_RUNTIME]
+    return RunnerSpeculation.of(runner).runtime
 
 
 def staged_stats(worker: Any) -> dict[str, float]:
@@ -113,7 +126,7 @@ class GPUModelRunnerPatch(Patch):
             num_tokens=batch.num_tokens_no_spec[:num_reqs],
             token_ids=batch.token_ids_cpu,
             draft_model=(draft_model.draft_model(self, num_reqs)
-                         if self.__dict__[_STAGED] else None)))
+                         if RunnerSpeculation.of(self).staged else None)))
         return tree_runtime(self).set_drafts(req_ids, drafts)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
