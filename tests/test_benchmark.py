@@ -47,6 +47,33 @@ def test_prompts_per_category_from_any_file(tmp_path):
         collect_prompts([str(tmp_path / "missing.jsonl")], 1)
 
 
+def test_shipped_prompts_stand_in_for_spec_bench(monkeypatch, tmp_path):
+    """A clone without the shared folder runs on the prompts shipped in
+    benchmarks/data/: Spec-Bench's format and its 13 categories."""
+    from benchmarks import common
+
+    shipped = common.load_prompts(common.SHIPPED_PROMPTS)
+    assert len({p["category"] for p in shipped}) == 13
+    assert max(len(p["text"]) for p in shipped) > 1500 > min(len(p["text"]) for p in shipped)
+    monkeypatch.setattr(common, "SPEC_BENCH", tmp_path / "absent.jsonl")
+    assert common.default_prompt_file() == common.SHIPPED_PROMPTS
+    present = tmp_path / "question.jsonl"
+    present.write_text(json.dumps({"category": "c", "turns": ["t"]}))
+    monkeypatch.setattr(common, "SPEC_BENCH", present)
+    assert common.default_prompt_file() == present
+    assert [p.category for p in collect_prompts(["shipped"], 1)][:2] == ["writing", "roleplay"]
+    assert len(common.humaneval_records(3)) == 3
+
+
+def test_demo_help_says_how_to_run_your_own_model():
+    run = subprocess.run([sys.executable, "benchmarks/demo.py", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    for text in ("--model", "--prompts", "Spec-Bench", '"turns"', "humaneval",
+                 "bash scripts/demo.sh --model"):
+        assert text in run.stdout, text
+
+
 def _results(cells):
     return {"machine": {"cpu": "x", "cores": 2, "vllm": "0.32.0", "torch": "2", "commit": "abc",
                         "date": "today"},
