@@ -7,6 +7,9 @@ the vLLM plugin check the pinned vLLM version when first imported.
 
 from typing import Any
 
+# libtorch before the compiled ops (vllm_lookahead._C links against it).
+import torch  # noqa: F401
+
 __all__ = ["LookaheadConfig", "LookaheadConfigError", "LookaheadProposer"]
 
 
