@@ -52,8 +52,9 @@ TORCH_REQUIREMENT = f"torch=={torch.__version__.split('+')[0]}"
 ROOT = Path(__file__).parent
 CSRC = "csrc"
 CPU_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/ngram_pool_cpu.cpp", f"{CSRC}/tree_cpu.cpp",
-               f"{CSRC}/lookahead_tree_cpu.cpp"]
-CUDA_SOURCES = [f"{CSRC}/ngram_pool_cuda.cu", f"{CSRC}/tree_cuda.cu"]
+               f"{CSRC}/lookahead_tree_cpu.cpp", f"{CSRC}/recycle_cpu.cpp"]
+CUDA_SOURCES = [f"{CSRC}/ngram_pool_cuda.cu", f"{CSRC}/tree_cuda.cu",
+                f"{CSRC}/recycle_cuda.cu"]
 
 
 def build_with_cuda() -> bool:

@@ -44,8 +44,13 @@ ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
                                                                        "stage2": False},
           "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False}}
+# Token recycling on and off (lookahead's default has it on), and alone.
+RECYCLING = {"lookahead-tree-no-recycle": {"recycle": False},
+             "lookahead-tree-static-no-recycle": {"recycle": False, "budget": "static"},
+             "recycle-only": {"window": 0, "guesses": 0},
+             "recycle-only-static": {"window": 0, "guesses": 0, "budget": "static"}}
 METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree",
-           "lookahead-tree-static", "draft-model", *STAGED)
+           "lookahead-tree-static", *RECYCLING, "draft-model", *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
          "methods": "plain,ngram,suffix,lookahead-linear,lookahead-tree"}
 FULL = {"per_category": 8, "max_tokens": 128, "batch_sizes": "1,8,32",
@@ -112,6 +117,8 @@ def build_methods(names: list[str], k: int, tree_k: int, draft: str | None,
             # The whole tree every step (no measured budget): the compression
             # trees reach where query tokens are cheap.
             methods.append(lookahead_method(tree_k, budget="static"))
+        elif name in RECYCLING:
+            methods.append(lookahead_method(tree_k, name=name, **RECYCLING[name]))
         elif name == "draft-model":
             if draft is None:
                 raise SystemExit("method draft-model needs --draft-model")

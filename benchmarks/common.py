@@ -95,10 +95,11 @@ class Method:
     additional_config: dict[str, Any] = field(default_factory=dict)
 
 
-def lookahead_method(k: int = 8, mode: str = "tree", **lookahead: Any) -> Method:
+def lookahead_method(k: int = 8, mode: str = "tree", name: str | None = None,
+                     **lookahead: Any) -> Method:
     static = lookahead.get("budget") == "static"
     return Method(
-        f"lookahead-{mode}{'-static' if static else ''}",
+        name or f"lookahead-{mode}{'-static' if static else ''}",
         {"method": "custom_class", "model": LOOKAHEAD_CLASS, "num_speculative_tokens": k},
         {"lookahead": {"mode": mode, **lookahead}},
     )

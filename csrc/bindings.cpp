@@ -18,15 +18,23 @@ TORCH_LIBRARY(vllm_lookahead, m) {
       "Tensor stamps, Tensor clock, int ways, Tensor slots, Tensor query, "
       "int max_guesses, int shared_slot) -> (Tensor, Tensor)");
   // Lookahead decoding's token trees of a batch (lookahead_tree_cpu.cpp):
-  // per request the first columns of its Jacobi window's filled levels and
-  // a trie of its pool candidates, fitted under caps[b] nodes. Returns
-  // tokens, parents (request-local, -1: the root) and node classes, each
-  // [batch, levels * window + guesses * cont_len] (padded), node counts and
-  // the window columns used.
+  // per request the first columns of its Jacobi window's filled levels, then
+  // one trie of its recycled tree (recycled [batch, T], -1: absent, shaped by
+  // recycled_parents [T]) and its pool candidates, fitted under caps[b]
+  // nodes. Returns tokens, parents (request-local, -1: the root) and node
+  // classes, each [batch, levels * window + T + guesses * cont_len]
+  // (padded), node counts and the window columns used.
   m.def(
       "lookahead_tree_layout(Tensor grids, Tensor filled, Tensor columns, "
-      "Tensor candidates, Tensor candidate_lens, Tensor caps, int max_ranks) "
+      "Tensor candidates, Tensor candidate_lens, Tensor recycled, "
+      "Tensor recycled_parents, Tensor caps, int max_ranks) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Token recycling (recycle.h): table[tokens[i]] = topk[i, :K] in row order
+  // (a later row of the same token wins).
+  m.def("recycle_update(Tensor(a!) table, Tensor tokens, Tensor topk) -> ()");
+  // The recycled draft tree of every request: template node j reads
+  // table[token of its parent, ranks[j]] from roots[b] (-1: none).
+  m.def("recycle_tree(Tensor table, Tensor roots, Tensor parents, Tensor ranks) -> Tensor");
   // Token trees (layout in tree.h): ancestor bitmasks from parent indices.
   m.def("tree_ancestor_masks(Tensor parents, Tensor cu_nodes, int words) -> Tensor");
   // Attention of every tree node over its request's paged KV prefix plus its

@@ -22,7 +22,7 @@ def test_defaults_are_valid():
         ({"budget": "fast"}, '"budget"'),
         ([1, 2], "JSON object"),
         ({"mode": "fast"}, '"mode"'),
-        ({"window": 0}, '"window"'),
+        ({"window": -1}, '"window"'),
         ({"guesses": -1}, '"guesses"'),
         ({"max_tree_tokens": "64"}, '"max_tree_tokens"'),
         ({"pool_from_prompt": 0}, '"pool_from_prompt"'),

@@ -36,7 +36,11 @@ def cases():
     yield "lookahead_tree_layout", (
         torch.arange(6, dtype=torch.int32).reshape(1, 2, 3), i32(2), i32(3),
         torch.arange(4, dtype=torch.int32).reshape(1, 2, 2), i32(2, 1).reshape(1, 2),
-        i32(16), 8)
+        i32(5, 0, -1).reshape(1, 3), i32(-1, 0, -1), i32(16), 8)
+    successors = torch.full((8, 2), -1, dtype=torch.int32)
+    yield "recycle_update", (successors, i32(1, 3, 1), i32(2, 3, 4, 5, 6, 7).reshape(3, 2))
+    yield "recycle_tree", (torch.arange(16, dtype=torch.int32).reshape(8, 2) % 8, i32(1, 3),
+                           i32(-1, 0, -1, 1), i32(0, 1, 1, 0))
     yield "tree_ancestor_masks", (parents, cu, 1)
     yield "tree_attention", (q, k, v, kc, vc, table, i32(20, 3), cu, masks, 0.3)
     yield "tree_kv_compact", ([kc.clone()], [vc.clone()], torch.tensor([5, 6]),

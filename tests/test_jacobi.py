@@ -313,8 +313,14 @@ def test_compiled_tree_layout_matches_reference(seed):
             randint(0, cont_len, (batch, guesses)),
             randint(0, levels * width + guesses * cont_len + 2, (batch,)))
     max_ranks = int(randint(1, 4, ()))
-    got = ops.lookahead_tree_layout(*args, max_ranks)
-    want = reference_tree_layouts(*args, max_ranks)
+    # A recycled tree on half the seeds (random template, some nodes absent).
+    template = int(randint(1, 10, ())) if seed % 2 else 0
+    template_parents = torch.tensor([int(randint(-1, j - 1, ())) for j in range(template)],
+                                    dtype=torch.int32)
+    recycled = torch.where(randint(0, 4, (batch, template)) == 0, -1,
+                           randint(0, 3, (batch, template)))
+    got = ops.lookahead_tree_layout(*args, max_ranks, recycled, template_parents)
+    want = reference_tree_layouts(*args, max_ranks, recycled, template_parents)
     for name, g, w in zip(("tokens", "parents", "classes", "num_nodes", "columns"), got, want):
         assert torch.equal(g, w), name
     assert (got[3] <= args[5]).all()

@@ -19,8 +19,10 @@ BLOCK, HEADS, KV_HEADS, D, LAYERS, VOCAB = 16, 2, 1, 8, 2, 64
 
 
 class RecordingDrafter:
-    def __init__(self):
+    def __init__(self, prediction_ranks=0):
         self.verifications = []
+        self.predictions = []
+        self.prediction_ranks = prediction_ranks
 
     def bind_batch(self, batch):
         pass
@@ -33,6 +35,9 @@ class RecordingDrafter:
 
     def observe_verification(self, verification):
         self.verifications.append(verification)
+
+    def observe_predictions(self, predictions):
+        self.predictions.append(predictions)
 
 
 def sampled_params(seed):
@@ -236,3 +241,34 @@ def test_adapters_by_backend():
         adapter_for("CPU_ATTN", "amx")
     with pytest.raises(NotImplementedError, match="FLASHINFER.*FLASH_ATTN"):
         adapter_for("FLASHINFER")
+
+
+def test_predictions_are_the_top_k_of_every_row():
+    """With ``prediction_ranks`` the drafter gets every logits row's top-k
+    next to its input token: on tree steps inside the Verification (rows as
+    in ``argmax``, ``accepted_rows`` the verified text's), on steps vLLM's
+    sampler verified through ``observe_predictions``; with 0 no top-k."""
+    drafter = RecordingDrafter(prediction_ranks=3)
+    runtime = TreeRuntime(drafter)
+    batch = Batch(CpuVecAdapter(), **TREE)
+    batch.begin(runtime)
+    batch.attend(runtime)
+    logits = batch.logits(ARGMAX) + torch.linspace(0, 1, VOCAB)  # ties broken upwards
+    inputs = torch.tensor([5, 10, 11, 12, 13, 6, 40, 41], dtype=torch.int32)
+    runtime.accept_and_compact(batch.draft_tokens(), [4, 2], logits, inputs)
+    (v,) = drafter.verifications
+    p = v.predictions
+    assert p.input_tokens.tolist() == inputs.tolist()
+    assert p.topk[:, 0].tolist() == ARGMAX
+    assert p.topk[:, 1:].tolist() == [[VOCAB - 1, VOCAB - 2]] * 8
+    # Roots and accepted nodes: "t" rows 0, 3, 4 (nodes 2, 3), "c" rows 5, 6.
+    assert v.accepted_rows().tolist() == [0, 3, 4, 5, 6]
+
+    runtime.observe_sampled_step(logits[:2], inputs[:2])
+    (q,) = drafter.predictions
+    assert q.topk.tolist() == p.topk[:2].tolist()
+
+    quiet = RecordingDrafter()
+    runtime = TreeRuntime(quiet)
+    runtime.observe_sampled_step(logits, inputs)
+    assert quiet.predictions == [] and runtime.predictions(logits, inputs) is None

@@ -96,7 +96,8 @@ class LookaheadConfig(_AdditionalConfig):
                 (ngram - 1) levels) and up to ``guesses`` pool candidates,
                 verified by the tree runtime; "linear": one chain per request
                 from the pool, verified by vLLM's own rejection sampler.
-    window:     W, columns of the Jacobi lookahead branch (tree mode).
+    window:     W, columns of the Jacobi lookahead branch (tree mode; 0: no
+                lookahead branch, e.g. token recycling alone).
     guesses:    G, pool candidates verified per step (tree mode).
     pool_from_prompt: also fill the pool with the prompt's n-grams (tree
                 mode; linear mode always does).
@@ -124,6 +125,15 @@ class LookaheadConfig(_AdditionalConfig):
     ways:       associativity of the key table.
     shared_pool: also keep one pool shared by all requests (system prompts,
                 common code), consulted after the request's own pool.
+    recycle:    token recycling (tree mode, arXiv 2408.08696): keep the
+                target's top ``recycle_ranks`` next tokens after every token
+                it saw as input, from every forward, in one table shared by
+                all requests (vocab_size x recycle_ranks x 4 bytes), and
+                draft a tree of ``recycle_nodes`` nodes read from it from the
+                last token (the likeliest paths by successor rank, at most
+                ``recycle_depth`` deep), merged with the pool candidates into
+                one trie.
+    recycle_ranks, recycle_nodes, recycle_depth: see ``recycle``.
     adaptive:   size each request's draft from its last acceptance: after a
                 fully accepted draft allow twice as many tokens (up to
                 num_speculative_tokens), otherwise one more than were
@@ -143,6 +153,10 @@ class LookaheadConfig(_AdditionalConfig):
     buckets: int = 2048
     ways: int = 4
     shared_pool: bool = False
+    recycle: bool = True
+    recycle_ranks: int = 8
+    recycle_nodes: int = 48
+    recycle_depth: int = 8
     adaptive: bool = True
 
     key: ClassVar[str] = CONFIG_KEY
@@ -163,12 +177,13 @@ class LookaheadConfig(_AdditionalConfig):
         if self.key_len is None and isinstance(self.ngram, int):
             default = 1 if self.mode == "tree" else 2
             object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))
-        self._integer("window", 1)
-        for name in ("guesses", "max_tree_tokens"):
+        for name in ("window", "guesses", "max_tree_tokens"):
             self._integer(name, 0)
         self._pool_sizes()
-        for name in ("shared_pool", "adaptive", "pool_from_prompt"):
+        for name in ("shared_pool", "adaptive", "pool_from_prompt", "recycle"):
             self._boolean(name)
+        for name in ("recycle_ranks", "recycle_nodes", "recycle_depth"):
+            self._integer(name, 1)
 
 
 @dataclass(frozen=True)

@@ -200,19 +200,50 @@ def lookahead_tree_layout(
     candidate_lens: torch.Tensor,
     caps: torch.Tensor,
     max_ranks: int,
+    recycled: torch.Tensor | None = None,
+    recycled_parents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lookahead decoding's token trees of a whole batch in one call (CPU,
     all int32). Per request b: its Jacobi window ``grids[b]`` [N-1, W] with
-    ``filled[b]`` levels, up to ``columns[b]`` window columns, and pool
-    candidates ``candidates[b]`` [G, cont_len] of which the first
-    ``candidate_lens[b, r]`` tokens are offered (0: none). Columns and
-    candidates are fitted under ``caps[b]`` nodes (``jacobi.fit_tree``), then
-    laid out as in ``jacobi.tree_layout`` (a candidate keeps its rank r for
-    its class). Returns tokens, parents and classes, each [batch, (N-1) * W +
-    G * cont_len] and valid up to ``num_nodes[b]``, then ``num_nodes`` and the
-    window columns used."""
+    ``filled[b]`` levels, up to ``columns[b]`` window columns, its recycled
+    tree ``recycled[b]`` [T] (from :func:`recycle_tree`, -1: absent; shaped
+    by the template's ``recycled_parents`` [T]) and pool candidates
+    ``candidates[b]`` [G, cont_len] of which the first ``candidate_lens[b,
+    r]`` tokens are offered (0: none). The recycled nodes present come first
+    under ``caps[b]`` nodes, columns and candidates are fitted under the rest
+    (``jacobi.fit_tree``), then all are laid out as in ``jacobi.tree_layout``
+    (window, then one trie of recycled nodes and candidates; a candidate
+    keeps its rank r for its class). Returns tokens, parents and classes,
+    each [batch, (N-1) * W + T + G * cont_len] and valid up to
+    ``num_nodes[b]``, then ``num_nodes`` and the window columns used."""
+    if recycled is None:
+        recycled = grids.new_full((grids.shape[0], 0), -1)
+        recycled_parents = grids.new_zeros((0,))
     return _ops.lookahead_tree_layout(grids, filled, columns, candidates, candidate_lens,
-                                      caps, max_ranks)
+                                      recycled, recycled_parents, caps, max_ranks)
+
+
+# --------------------------------------------------------------------------
+# Token recycling (semantics in csrc/recycle.h).
+
+
+def recycle_update(table: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor) -> None:
+    """``table[tokens[i]] = topk[i, :K]`` for every row in order (a later row
+    of the same token wins). table int32 [V, K]; tokens int32 [n] in [0, V);
+    topk int32 [n, >= K]: the target's top-k next tokens after each input
+    row. CPU and CUDA (on CUDA, tokens outside the vocabulary are skipped
+    instead of raising: no host sync)."""
+    _ops.recycle_update(table, tokens, topk)
+
+
+def recycle_tree(table: torch.Tensor, roots: torch.Tensor, parents: torch.Tensor,
+                 ranks: torch.Tensor) -> torch.Tensor:
+    """int32 [batch, T]: each request's recycled draft tree. Template node j
+    (``parents[j]``: -1 for a child of the root, parents before children;
+    ``ranks[j]``: < 0 disables the node and its subtree) reads ``table[token
+    of its parent, ranks[j]]``, starting from ``roots[b]``; -1 where the path
+    is unknown. CPU and CUDA."""
+    return _ops.recycle_tree(table, roots, parents, ranks)
 
 
 # --------------------------------------------------------------------------
@@ -234,12 +265,23 @@ def _ngram_pool_lookup_fake(keys, entries, sizes, stamps, clock, ways, slots, qu
 
 
 @torch.library.register_fake("vllm_lookahead::lookahead_tree_layout")
-def _lookahead_tree_layout_fake(grids, filled, columns, candidates, candidate_lens, caps,
-                                max_ranks):
+def _lookahead_tree_layout_fake(grids, filled, columns, candidates, candidate_lens, recycled,
+                                recycled_parents, caps, max_ranks):
     batch = grids.shape[0]
-    width = grids.shape[1] * grids.shape[2] + candidates.shape[1] * candidates.shape[2]
+    width = (grids.shape[1] * grids.shape[2] + recycled_parents.shape[0]
+             + candidates.shape[1] * candidates.shape[2])
     nodes = [grids.new_empty((batch, width)) for _ in range(3)]
     return (*nodes, grids.new_empty((batch,)), grids.new_empty((batch,)))
+
+
+@torch.library.register_fake("vllm_lookahead::recycle_update")
+def _recycle_update_fake(table, tokens, topk) -> None:
+    return None
+
+
+@torch.library.register_fake("vllm_lookahead::recycle_tree")
+def _recycle_tree_fake(table, roots, parents, ranks):
+    return roots.new_empty((roots.shape[0], parents.shape[0]))
 
 
 @torch.library.register_fake("vllm_lookahead::tree_ancestor_masks")

@@ -204,3 +204,24 @@ def tree_accept_greedy(parents, tokens, root_argmax, node_argmax, cu_nodes, max_
             path[b, k] = node
             node, k = int(parents[cu[b] + node]), k - 1
     return path, accepted, bonus
+
+
+def recycle_update(table: torch.Tensor, tokens: torch.Tensor, topk: torch.Tensor) -> None:
+    """Reference of ``ops.recycle_update``."""
+    for token, row in zip(tokens.tolist(), topk[:, :table.shape[1]].tolist()):
+        if not 0 <= token < table.shape[0]:
+            raise ValueError(f"token {token} outside the vocabulary")
+        table[token] = torch.tensor(row, dtype=table.dtype)
+
+
+def recycle_tree(table: torch.Tensor, roots: torch.Tensor, parents: torch.Tensor,
+                 ranks: torch.Tensor) -> torch.Tensor:
+    """Reference of ``ops.recycle_tree``."""
+    vocab, k = table.shape
+    out = torch.full((len(roots), len(parents)), -1, dtype=torch.int32)
+    for b, root in enumerate(roots.tolist()):
+        for j, (parent, rank) in enumerate(zip(parents.tolist(), ranks.tolist())):
+            source = root if parent < 0 else int(out[b, parent])
+            if 0 <= source < vocab and 0 <= rank < k:
+                out[b, j] = table[source, rank]
+    return out

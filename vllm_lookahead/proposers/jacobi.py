@@ -68,16 +68,21 @@ def fit_tree(cap: int, window: int, guesses: int, filled: int, cont_len: int) ->
 
 def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
                 max_ranks: int, ranks: list[int] | None = None,
+                recycled: list[int] | None = None, recycled_parents: list[int] | None = None,
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokens, parents (request-local, -1: the root) and classes of one
     step's tree: the first ``w`` columns of the filled levels, level by
-    level, then the trie of ``candidates`` (most recent first, each at most
-    ``cont_len`` tokens). A node's class is its place in the tree: level l,
-    column j of the window is ``l * W + j``; depth d of the candidate of rank
-    r (``ranks[i]`` for ``candidates[i]``, default i) that first reaches it
-    is ``(N-1) * W + min(r, max_ranks - 1) * (N-1) + d``, so there are
-    ``num_classes(N-1, W, max_ranks)`` classes. This is the reference of the
-    compiled ``ops.lookahead_tree_layout``, which the proposer calls."""
+    level, then one trie under the root of the recycled tree (template node
+    j: token ``recycled[j]``, -1 absent, under template node
+    ``recycled_parents[j]``) and the ``candidates`` (most recent first, each
+    at most ``cont_len`` tokens), shared prefixes merged. A node's class is
+    its place in the tree: level l, column j of the window is ``l * W + j``;
+    depth d of the candidate of rank r (``ranks[i]`` for ``candidates[i]``,
+    default i) that first reaches it is ``(N-1) * W + min(r, max_ranks - 1)
+    * (N-1) + d``; recycled template node j is ``(N-1) * W + max_ranks *
+    (N-1) + j``, so there are ``num_classes(N-1, W, max_ranks, T)`` classes.
+    This is the reference of the compiled ``ops.lookahead_tree_layout``,
+    which the proposer calls."""
     filled = window.filled
     levels, columns = window.levels.shape
     la_tokens = window.levels[:filled, :w].reshape(-1)
@@ -86,32 +91,50 @@ def tree_layout(window: JacobiWindow, w: int, candidates: list[list[int]],
     la_classes = (np.arange(filled)[:, None] * columns + np.arange(w)).reshape(-1)
     tokens, parents, classes = la_tokens.tolist(), la_parents.tolist(), la_classes.tolist()
     children: dict[tuple[int, int], int] = {}
+
+    def child(parent: int, token: int, cls: int) -> int:
+        node = children.get((parent, token))
+        if node is None:
+            node = children[(parent, token)] = len(tokens)
+            tokens.append(token)
+            parents.append(parent)
+            classes.append(cls)
+        return node
+
+    mapped: list[int | None] = []
+    recycled_class = levels * columns + max_ranks * levels
+    for j, (token, parent) in enumerate(zip(recycled or [], recycled_parents or [])):
+        under = -1 if parent < 0 else mapped[parent]
+        mapped.append(None if token < 0 or under is None
+                      else child(under, token, recycled_class + j))
     for rank, candidate in zip(ranks or range(len(candidates)), candidates):
         first = levels * columns + min(rank, max_ranks - 1) * levels
         parent = -1
         for depth, token in enumerate(candidate):
-            node = children.get((parent, token))
-            if node is None:
-                node = children[(parent, token)] = len(tokens)
-                tokens.append(token)
-                parents.append(parent)
-                classes.append(first + depth)
-            parent = node
+            parent = child(parent, token, first + depth)
     return (np.asarray(tokens, dtype=np.int32), np.asarray(parents, dtype=np.int32),
             np.asarray(classes, dtype=np.int64))
 
 
-def num_classes(levels: int, columns: int, max_ranks: int) -> int:
-    return levels * columns + max_ranks * levels
+def num_classes(levels: int, columns: int, max_ranks: int, recycled_nodes: int = 0) -> int:
+    return levels * columns + max_ranks * levels + recycled_nodes
 
 
-def reference_tree_layouts(grids, filled, columns, candidates, candidate_lens, caps, max_ranks):
-    """Reference of ``ops.lookahead_tree_layout``: per request
-    :func:`fit_tree` then :func:`tree_layout`."""
+def reference_tree_layouts(grids, filled, columns, candidates, candidate_lens, caps, max_ranks,
+                           recycled=None, recycled_parents=None):
+    """Reference of ``ops.lookahead_tree_layout``: per request the recycled
+    nodes present (under the cap) first, :func:`fit_tree` of the rest, then
+    :func:`tree_layout`."""
     grids, candidates, candidate_lens = grids.numpy(), candidates.numpy(), candidate_lens.numpy()
     batch, levels, width = grids.shape
+    if recycled is None:
+        recycled = torch.full((batch, 0), -1, dtype=torch.int32)
+        recycled_parents = torch.zeros(0, dtype=torch.int32)
+    recycled, recycled_parents = recycled.numpy(), recycled_parents.numpy()
+    template = recycled_parents.shape[0]
     cont_len = candidates.shape[2]
-    out = np.zeros((3, batch, levels * width + candidates.shape[1] * cont_len), np.int32)
+    out = np.zeros((3, batch, levels * width + template + candidates.shape[1] * cont_len),
+                   np.int32)
     out[1:] = -1
     num_nodes = np.zeros(batch, np.int32)
     used_columns = np.zeros(batch, np.int32)
@@ -119,9 +142,15 @@ def reference_tree_layouts(grids, filled, columns, candidates, candidate_lens, c
         ranks = np.nonzero(candidate_lens[b])[0].tolist()
         kept = [candidates[b, r, :candidate_lens[b, r]].tolist() for r in ranks]
         cap = int(caps[b])
-        w, g = fit_tree(cap, int(columns[b]), len(kept), int(filled[b]), cont_len)
+        present: list[bool] = []
+        for j in range(template):
+            parent = recycled_parents[j]
+            present.append(bool(recycled[b, j] >= 0 and (parent < 0 or present[parent])))
+        w, g = fit_tree(cap - min(sum(present), cap), int(columns[b]), len(kept),
+                        int(filled[b]), cont_len)
         window = JacobiWindow(levels=grids[b], filled=int(filled[b]))
-        tree = tree_layout(window, w, kept[:g], max_ranks, ranks[:g])
+        tree = tree_layout(window, w, kept[:g], max_ranks, ranks[:g],
+                           recycled[b].tolist(), recycled_parents.tolist())
         n = min(len(tree[0]), cap)
         for k, x in enumerate(tree):
             out[k, b, :n] = x[:n]

@@ -6,9 +6,12 @@ output. Two modes:
 - tree (default): per request a Jacobi lookahead branch (a 2D window of W
   columns x (N-1) levels) and up to G pool candidates for the last tokens,
   laid out as one token tree (``jacobi.tree_layout``) and verified in one
-  target forward by the tree runtime. After the forward the target's argmax
-  at the window's last level becomes its new level, and each column gives
-  one new n-gram for the pool.
+  target forward by the tree runtime, merged in one trie with the recycled
+  tree (``recycle.py``: the target's own top-k successors of earlier
+  tokens, read from the last token). After the forward the target's argmax
+  at the window's last level becomes its new level, each column gives one
+  new n-gram for the pool, and every row's top-k updates the successor
+  table.
 - linear: the most recent pool continuation of the last ``key_len`` tokens,
   extended greedily through the pool up to ``num_speculative_tokens``,
   verified by vLLM's own rejection sampler.
@@ -31,7 +34,9 @@ from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
-from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
+from vllm_lookahead.proposers.recycle import SuccessorTable, tree_template
+from vllm_lookahead.tree.protocol import (BatchInfo, DraftInputs, Drafts, Predictions,
+                                          Verification)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,16 @@ class LookaheadProposer:
             ways=self.config.ways,
             shared=self.config.shared_pool,
         )
+        # Token recycling (tree mode): the successor table, shared by all
+        # requests, and the template its trees are read with.
+        recycling = self.config.recycle and self.config.mode == "tree"
+        self.prediction_ranks = self.config.recycle_ranks if recycling else 0
+        self.successors = (SuccessorTable(vllm_config.model_config.get_vocab_size(),
+                                          self.config.recycle_ranks) if recycling else None)
+        self.template_parents, self.template_ranks = (
+            tree_template(self.config.recycle_nodes, self.config.recycle_ranks,
+                          self.config.recycle_depth) if recycling
+            else (np.zeros(0, np.int32), np.zeros(0, np.int32)))
         # Tokens of each request already inserted into its pool.
         self._indexed: dict[str, int] = {}
         # Draft length allowed next step, and length of the last draft.
@@ -90,7 +105,7 @@ class LookaheadProposer:
         # acceptance estimates (``budget.py``).
         self.cost = StepCostModel()
         self.values = NodeValues(num_classes(self.config.ngram - 1, self.config.window,
-                                             MAX_RANKS))
+                                             MAX_RANKS, len(self.template_parents)))
         # Chains (linear mode, and batches the runtime cannot verify): a
         # class per depth.
         self.chain_values = NodeValues(self.k)
@@ -107,8 +122,10 @@ class LookaheadProposer:
         self._stats = np.zeros(5, dtype=np.int64)
         self._steps = 0
         logger.info(
-            "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB",
-            self.config.mode, self.config, self.k, self.pool.nbytes() / 2**20,
+            "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB, successor "
+            "table %.1f MiB", self.config.mode, self.config, self.k,
+            self.pool.nbytes() / 2**20,
+            (self.successors.nbytes() if self.successors else 0) / 2**20,
         )
 
     def load_model(self, *args, **kwargs) -> None:
@@ -384,7 +401,9 @@ class LookaheadProposer:
             return [no_tree] * len(req_ids)
         self._index_new_tokens(req_ids, rows, lengths, token_ids_cpu)
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
-        candidate_value = value[levels * cfg.window:].reshape(MAX_RANKS, levels)[:, :cont_len]
+        recycled_start = levels * cfg.window + MAX_RANKS * levels
+        candidate_value = value[levels * cfg.window:recycled_start].reshape(
+            MAX_RANKS, levels)[:, :cont_len]
         keys = self._pool_keys(rows, lengths, token_ids_cpu)
         overrides = [self._overrides.get(req_id, {}) for req_id in req_ids]
         max_guesses = max([cfg.guesses] + [o.get("guesses", 0) for o in overrides])
@@ -408,9 +427,12 @@ class LookaheadProposer:
         candidate_lens = np.where(ranks < guesses[:, None],
                                   depth_pays[np.minimum(ranks, MAX_RANKS - 1)], 0)
         caps = np.clip(self.max_model_len - lengths, 0, per_request)
+        recycled = self._recycled_trees(rows, lengths, token_ids_cpu,
+                                        value[recycled_start:], threshold)
         layout = ops.lookahead_tree_layout(
             _int32(np.stack([window.levels for window in windows])), _int32(filled),
-            _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS)
+            _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS,
+            recycled, _int32(self.template_parents))
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
         drafting = self._paying(self.values, classes, num_nodes, threshold, len(rows))
         trees = [no_tree] * len(req_ids)
@@ -421,6 +443,25 @@ class LookaheadProposer:
         self._stats[0] += len(drafting)
         self._stats[1] += int(num_nodes[drafting].sum())
         return trees
+
+    def _recycled_trees(self, rows, lengths, token_ids_cpu, value: np.ndarray,
+                        threshold: float) -> torch.Tensor:
+        """int32 [len(rows), T]: the template read from each row's last
+        token; template nodes whose estimated acceptance is below the bar
+        are disabled, and with them their subtrees."""
+        if self.successors is None:
+            return torch.full((len(rows), 0), -1, dtype=torch.int32)
+        roots = token_ids_cpu[rows, lengths - 1]
+        ranks = np.where(value >= threshold, self.template_ranks, -1)
+        return self.successors.trees(roots, self.template_parents, ranks)
+
+    def observe_predictions(self, predictions: Predictions) -> None:
+        """A step without trees: its rows' top-k go into the successor
+        table."""
+        if self.successors is not None:
+            started = time.perf_counter()
+            self.successors.update(predictions.input_tokens, predictions.topk)
+            self._proposer_seconds += time.perf_counter() - started
 
     def _window(self, req_id: str, context: np.ndarray) -> JacobiWindow:
         """The request's Jacobi window, initialised from its context on
@@ -439,6 +480,12 @@ class LookaheadProposer:
         started = time.perf_counter()
         v = verification
         self._stats[2] += int(v.accepted.sum())
+        p = v.predictions
+        if p is not None and self.successors is not None:
+            # Every row, then the verified text's rows again: where a token
+            # was both, the prediction in the real context wins.
+            rows = np.concatenate([np.arange(len(p.input_tokens)), v.accepted_rows()])
+            self.successors.update(p.input_tokens[rows], p.topk[rows])
         grown, ngrams, offered, taken = [], [], [], []
         for i, req_id in enumerate(v.req_ids):
             layout = self._layouts.pop(req_id, None)

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
+from vllm_lookahead.tree.protocol import (BatchInfo, DraftInputs, Drafts, Predictions,
+                                           Verification)
 
 
 class OracleTreeProposer:
@@ -56,6 +57,12 @@ class OracleTreeProposer:
 
     def step_started(self) -> None:
         """No timing."""
+
+    # The target's top-k per logits row is not used.
+    prediction_ranks = 0
+
+    def observe_predictions(self, predictions: Predictions) -> None:
+        """Not used (``prediction_ranks`` 0)."""
 
     def observe_verification(self, verification: Verification) -> None:
         if not self.verified_log_path:

@@ -42,7 +42,7 @@ import torch
 from vllm_lookahead.config import StagedConfig
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftForward, DraftInputs, Drafts,
-                                          Verification)
+                                          Predictions, Verification)
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,12 @@ class StagedDrafter:
 
     def step_started(self) -> None:
         """No step timing (yet)."""
+
+    # The target's top-k per logits row is not used.
+    prediction_ranks = 0
+
+    def observe_predictions(self, predictions: Predictions) -> None:
+        """Not used (``prediction_ranks`` 0)."""
 
     def observe_verification(self, verification: Verification) -> None:
         """The draft's own state follows the verified tokens (``draft``)."""

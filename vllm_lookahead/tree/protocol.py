@@ -11,7 +11,9 @@ this order:
 3. ``step_started()``: the next target forward starts (for step timing);
 4. ``observe_verification(Verification)``: what the target predicted at
    every node of the drafts the runtime verified as trees, and the accepted
-   path of every request.
+   path of every request; on steps without a tree (vLLM's sampler verified
+   them), ``observe_predictions(Predictions)`` instead, when the drafter
+   asks for the target's top-k (``prediction_ranks`` > 0).
 
 Nothing passes between them through attributes or module state.
 """
@@ -92,6 +94,18 @@ class Drafts:
 
 
 @dataclass(frozen=True)
+class Predictions:
+    """The target's top-k next tokens at every logits row of a step: after
+    the row's input token ``input_tokens[i]`` (in the row's context) the
+    target ranks ``topk[i, 0]`` first, ``topk[i, 1]`` second, ... Rows of
+    rejected tree nodes count too: their context is a real prefix of the
+    tree."""
+
+    input_tokens: np.ndarray  # int32 [rows]
+    topk: np.ndarray  # int32 [rows, prediction_ranks]
+
+
+@dataclass(frozen=True)
 class Verification:
     """What the target predicted on a step the runtime verified. Request i
     (``req_ids[i]``, batch row i) owns logits rows ``cu_rows[i]:cu_rows[i+1]``:
@@ -105,6 +119,8 @@ class Verification:
     cu_rows: np.ndarray  # int64 [batch + 1]
     accepted: np.ndarray  # int64 [batch]
     path: np.ndarray  # int64 [batch, max_draft], -1 padded
+    # Every row's top-k (rows as in ``argmax``), when the drafter asks for it.
+    predictions: Predictions | None = None
 
     def node_argmax(self, i: int) -> np.ndarray:
         """The target's argmax after each of request i's draft nodes."""
@@ -113,10 +129,21 @@ class Verification:
     def accepted_path(self, i: int) -> np.ndarray:
         return self.path[i, :self.accepted[i]]
 
+    def accepted_rows(self) -> np.ndarray:
+        """Logits rows of every request's root and accepted nodes (their
+        contexts are the verified text)."""
+        rows = [self.cu_rows[i] + np.concatenate([[0], 1 + self.accepted_path(i)])
+                for i in range(len(self.req_ids))]
+        return np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+
 
 @runtime_checkable
 class TreeDrafter(Protocol):
-    """A proposer whose drafts the tree runtime verifies."""
+    """A proposer whose drafts the tree runtime verifies. ``prediction_ranks``:
+    how many of the target's top tokens per logits row it wants
+    (``Predictions``; 0: none, no top-k is computed)."""
+
+    prediction_ranks: int
 
     def bind_batch(self, batch: BatchInfo) -> None: ...
 
@@ -125,3 +152,5 @@ class TreeDrafter(Protocol):
     def step_started(self) -> None: ...
 
     def observe_verification(self, verification: Verification) -> None: ...
+
+    def observe_predictions(self, predictions: Predictions) -> None: ...

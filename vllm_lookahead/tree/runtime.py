@@ -41,7 +41,7 @@ import torch
 from vllm_lookahead import ops, reference
 from vllm_lookahead.tree import sampling
 from vllm_lookahead.tree.backends import KVLayoutAdapter
-from vllm_lookahead.tree.protocol import Drafts, TreeDrafter, Verification
+from vllm_lookahead.tree.protocol import Drafts, Predictions, TreeDrafter, Verification
 
 PLACEHOLDER_TOKEN_ID = -1
 # vLLM treats temperatures below this as greedy (vllm.sampling_params).
@@ -314,14 +314,32 @@ class TreeRuntime:
     # ------------------------------------------------------------------
     # Acceptance.
 
+    def predictions(self, logits: torch.Tensor, input_tokens: torch.Tensor) -> Predictions | None:
+        """The target's top ``drafter.prediction_ranks`` tokens at every
+        logits row (one batched ``topk``), None when the drafter wants none."""
+        ranks = min(self.drafter.prediction_ranks, logits.shape[-1])
+        if ranks <= 0:
+            return None
+        topk = logits.topk(ranks, dim=-1).indices.to(torch.int32).cpu().numpy()
+        return Predictions(input_tokens=input_tokens.to(torch.int32).cpu().numpy(), topk=topk)
+
+    def observe_sampled_step(self, logits: torch.Tensor, input_tokens: torch.Tensor) -> None:
+        """A step vLLM's sampler verified (no tree): the drafter gets the
+        target's top-k at its rows, when it asks for them."""
+        predictions = self.predictions(logits, input_tokens)
+        if predictions is not None:
+            self.drafter.observe_predictions(predictions)
+
     def accept_and_compact(self, draft_tokens: torch.Tensor, num_draft: list[int],
-                           logits: torch.Tensor) -> torch.Tensor:
+                           logits: torch.Tensor,
+                           input_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Verify every request of the current step (tree or chain), compact
         the KV of accepted tree paths, tell the drafter what the target
         predicted and end the step. ``draft_tokens`` is vLLM's flat draft
         list, ``logits`` its [sum(n + 1), V] rows (root row, then the nodes,
-        per request). Returns vLLM's sampled token ids [batch, max_draft + 1],
-        -1 padded."""
+        per request), ``input_tokens`` the input token of every logits row
+        (for the drafter's ``Predictions``). Returns vLLM's sampled token ids
+        [batch, max_draft + 1], -1 padded."""
         step = self._step
         if step is None:
             raise TreeRuntimeError("accept_and_compact without a tree step")
@@ -330,7 +348,8 @@ class TreeRuntime:
         self._compact(step, path, accepted)
         self.drafter.observe_verification(Verification(
             req_ids=step.req_ids, argmax=argmax, cu_rows=cu_draft + np.arange(len(num_draft) + 1),
-            accepted=accepted, path=path))
+            accepted=accepted, path=path,
+            predictions=None if input_tokens is None else self.predictions(logits, input_tokens)))
         return out
 
     def _compact(self, step: TreeStep, path: np.ndarray, accepted: np.ndarray) -> None:

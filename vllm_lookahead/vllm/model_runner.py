@@ -171,10 +171,28 @@ class GPUModelRunnerPatch(Patch):
 
     def _sample(self, logits, spec_decode_metadata):
         runtime = tree_runtime(self)
-        if (runtime is None or runtime.current is None or spec_decode_metadata is None
-                or logits is None):
+        if runtime is None or logits is None:
+            return GPUModelRunnerPatch.original("_sample")(self, logits, spec_decode_metadata)
+        if runtime.current is None or spec_decode_metadata is None:
+            if runtime.drafter.prediction_ranks:
+                runtime.observe_sampled_step(logits, _logits_input_tokens(
+                    self, spec_decode_metadata))
             return GPUModelRunnerPatch.original("_sample")(self, logits, spec_decode_metadata)
         sampled = runtime.accept_and_compact(
             spec_decode_metadata.draft_token_ids,
-            list(spec_decode_metadata.num_draft_tokens), logits)
+            list(spec_decode_metadata.num_draft_tokens), logits,
+            _logits_input_tokens(self, spec_decode_metadata)
+            if runtime.drafter.prediction_ranks else None)
         return SamplerOutput(sampled_token_ids=sampled, logprobs_tensors=None)
+
+
+def _logits_input_tokens(runner: Any, spec_decode_metadata: Any) -> Any:
+    """The input token of every logits row of the step (vLLM's
+    ``logits_indices``: per request its last token, or with drafts its
+    root and draft rows)."""
+    if spec_decode_metadata is not None:
+        indices = spec_decode_metadata.logits_indices
+    else:
+        num_reqs = runner.input_batch.num_reqs
+        indices = runner.query_start_loc.gpu[1:num_reqs + 1] - 1
+    return runner.input_ids.gpu[indices]
