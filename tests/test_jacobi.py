@@ -11,7 +11,7 @@ import torch
 from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, ops
 from vllm_lookahead import vllm as vllm_patches
-from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, NodeValues,
+from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, REPROBE_STEPS, NodeValues,
                                              StepCostModel)
 from vllm_lookahead.proposers.jacobi import (JacobiWindow, fit_tree, num_classes,
                                               reference_tree_layouts, tree_layout)
@@ -203,10 +203,35 @@ def test_step_cost_fit_remembers_tree_costs_while_no_tree_runs():
                      0.05 + 0.07 * (n_tree > 0) + 0.002 * 4 + 0.004 * n_tree, None, produced=4)
     extra = lambda: cost.predict(4, 8, 4) - cost.predict(4, 0, 0)  # noqa: E731
     assert extra() == pytest.approx(0.07 + 0.004 * 8, rel=1e-2)
-    # A long stretch without trees: what a tree step costs is not forgotten.
-    for _ in range(1000):
-        cost.observe(4, 0, 0, 0.05 + 0.002 * 4, None, produced=4)
+    # A stretch without trees: what a tree step costs is not forgotten...
+    for step in range(REPROBE_STEPS - 1):
+        n_plain = 2 + step % 5  # the plain token's cost is identified
+        cost.observe(n_plain, 0, 0, 0.05 + 0.002 * n_plain, None, produced=4)
+    assert cost.draft_costs_known
     assert extra() == pytest.approx(0.07 + 0.004 * 8, rel=1e-2)
+    # ... until it is long enough that the costs are probed again: a node is
+    # then priced as a plain token, no fixed cost, until trees measure it.
+    cost.observe(5, 0, 0, 0.05 + 0.002 * 5, None, produced=4)
+    assert not cost.draft_costs_known
+    assert cost.node_seconds == pytest.approx(0.002, rel=1e-2)
+    assert cost.tree_seconds == cost.tree_step_seconds == 0.0
+
+
+def test_step_cost_fit_leaves_the_first_draft_step_out():
+    """The first step with drafts (the runtime's self-check) is far slower
+    than any later one; fitting it priced nodes out for good."""
+    cost = StepCostModel()
+    cost.observe(125, 0, 0, 0.1, None, produced=1)  # prefill
+    for _ in range(6):
+        cost.observe(1, 0, 0, 0.025, None, produced=1)
+    cost.observe(1, 3, 1, 0.135, None, produced=2)  # self-check step
+    assert not cost.draft_costs_known
+    assert cost.threshold(1) < 0.05  # a node still priced as a plain token
+    for step in range(12):
+        n_tree = 4 + step % 5
+        cost.observe(1, n_tree, 1, 0.025 + 0.003 + 0.0006 * n_tree, None, produced=2)
+    assert cost.draft_costs_known
+    assert cost.node_seconds == pytest.approx(0.0006, rel=0.2)
 
 
 def test_node_values_learn_rates_and_reexplore_cut_classes():

@@ -65,6 +65,37 @@ TREE_COSTS = [1, 2, 4]  # c, d, b_tree in the fit's coefficients
 # expected gain): learning what drafts cost never makes a step of the whole
 # batch's drafts.
 PROBE_DRAFTS = 2
+# The first steps with drafts are left out of the fit: the tree runtime's
+# one-time self-check and first allocations make the first one several
+# times slower than any later one (135 ms instead of ~30 on SmolLM2, CPU),
+# which priced every node out for good.
+WARMUP_DRAFT_STEPS = 1
+# Steps without a draft after which the drafts' measured costs are
+# forgotten and probed again (at most PROBE_DRAFTS per step): costs measured
+# under another load, or from a few noisy steps, must not keep drafts out
+# forever.
+REPROBE_STEPS = 128
+
+
+def nonnegative_least_squares(xtx: np.ndarray, xty: np.ndarray, start: np.ndarray,
+                              sweeps: int = 100) -> np.ndarray:
+    """argmin over coef[1:] >= 0 of the least-squares fit with normal
+    equations ``xtx @ coef = xty`` (coordinate descent from ``start``; the
+    intercept is free). Clamping the unconstrained solution instead lets
+    collinear costs trade off (a negative tree-step cost against a huge
+    per-node cost) and keeps the wrong one after the clamp."""
+    coef = start.copy()
+    coef[1:] = np.maximum(coef[1:], 0.0)
+    for _ in range(sweeps):
+        previous = coef.copy()
+        for i in range(len(coef)):
+            if xtx[i, i] <= 0:
+                continue
+            value = coef[i] + (xty[i] - xtx[i] @ coef) / xtx[i, i]
+            coef[i] = value if i == 0 else max(value, 0.0)
+        if np.abs(coef - previous).max() <= 1e-12 + 1e-9 * np.abs(coef).max():
+            break
+    return coef
 
 
 class StepCostModel:
@@ -86,6 +117,8 @@ class StepCostModel:
         self._tree_costs: np.ndarray | None = None  # c, d, b_tree when last told
         self._tokens = 0.0
         self._forward_seconds = 0.0
+        self._draft_steps_seen = 0
+        self._since_draft_step = 0
         self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
 
     @staticmethod
@@ -102,6 +135,16 @@ class StepCostModel:
         """One engine step: scheduled tokens (``n_tree`` of them in
         ``n_trees`` trees), forward time, time since the previous step (None
         for the first), tokens produced."""
+        if n_tree > 0:
+            self._since_draft_step = 0
+            self._draft_steps_seen += 1
+            if self._draft_steps_seen <= WARMUP_DRAFT_STEPS:
+                return
+        else:
+            self._since_draft_step += 1
+            if self._since_draft_step >= REPROBE_STEPS and self._tree_costs is not None:
+                self._tree_costs = None
+                self._tree_weight = 0.0
         x = self._features(n_plain, n_tree, n_trees)
         self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
         self._xty = TIME_DECAY * self._xty + x * forward_seconds
@@ -114,8 +157,8 @@ class StepCostModel:
         # A small ridge keeps features that did not vary (no tree steps yet)
         # at zero instead of making the system singular.
         ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
-        coef = np.linalg.solve(self._xtx + ridge * np.eye(self.FEATURES), self._xty)
-        coef[1:] = np.maximum(coef[1:], 0.0)
+        coef = nonnegative_least_squares(self._xtx + ridge * np.eye(self.FEATURES),
+                                         self._xty, self._coef)
         if self._tree_weight >= MIN_TREE_WEIGHT:
             self._tree_costs = coef[TREE_COSTS].copy()
         elif self._tree_costs is not None:
@@ -136,17 +179,18 @@ class StepCostModel:
 
     @property
     def node_seconds(self) -> float:
-        """Marginal cost of one tree node (falls back to a plain token's)."""
-        return float(self._coef[4] if self._coef[4] > 0 else self._coef[3])
+        """Marginal cost of one tree node; until steps with drafts measured
+        it, a plain token's."""
+        return float(self._coef[4] if self.draft_costs_known else self._coef[3])
 
     @property
     def tree_step_seconds(self) -> float:
-        return float(self._coef[1])
+        return float(self._coef[1]) if self.draft_costs_known else 0.0
 
     @property
     def tree_seconds(self) -> float:
         """Cost of one request's tree beyond its nodes."""
-        return float(self._coef[2])
+        return float(self._coef[2]) if self.draft_costs_known else 0.0
 
     @property
     def overhead_seconds(self) -> float:
@@ -196,13 +240,17 @@ class NodeValues:
         self.accepted = np.zeros(classes)
 
     def rate(self) -> np.ndarray:
-        """Smoothed acceptance rate per class."""
-        return (self.accepted + 1.0) / (self.offered + 2.0)
+        """Smoothed acceptance rate per class (a prior of one half, worth
+        one verification)."""
+        return (self.accepted + 0.5) / (self.offered + 1.0)
 
     def estimate(self) -> np.ndarray:
         """Optimistic acceptance probability per class: the rate plus a
-        bonus shrinking with the verifications seen."""
-        return self.rate() + EXPLORATION / np.sqrt(self.offered + 1.0)
+        bonus shrinking with the verifications seen. Both fade as 1 /
+        verifications, so a class accepted a few times in a hundred is cut
+        where the bar is a few percent (with a 1 / sqrt bonus, and a prior
+        worth two verifications, such classes stayed in every tree)."""
+        return self.rate() + EXPLORATION / (self.offered + 1.0)
 
     def update(self, offered: np.ndarray, accepted: np.ndarray) -> None:
         """One verification step: class ids of every verified node and of
