@@ -1,6 +1,7 @@
 """Lookahead decoding in tree mode end to end on the real SmolLM2-135M-Instruct
 (fp32): greedy output token-identical to plain vLLM for several (W, N, G),
-including N=2, pure Jacobi (G=0) and W=1, chosen per request through
+including N=2, pure Jacobi (G=0), W=1 and token recycling alone (W=0, G=0),
+chosen per request through
 ``SamplingParams.extra_args`` in one continuously batched run, with drafts
 verified and accepted under the static and the measured budget; seeded
 sampling reproducible whatever the batch."""
@@ -57,7 +58,10 @@ def workload(smollm2, spec_bench_prompts, code_prompts):
 # over both runs below), at 2 in ~70 (35 tokens accepted).
 @pytest.mark.parametrize("ngram, window, guesses, budget, max_num_seqs",
                          [(4, 5, 5, "static", 4), (2, 3, 3, "static", 4),
-                          (3, 3, 3, "measured", 2)])
+                          (3, 3, 3, "measured", 2),
+                          # Token recycling alone: every draft comes from the
+                          # successor table.
+                          (3, 0, 0, "static", 4)])
 def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses, budget,
                                    max_num_seqs):
     prompts, params, overrides, reference, penalised = workload

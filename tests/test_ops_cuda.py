@@ -100,3 +100,25 @@ def test_tree_attention_and_compaction_on_the_lbnhc_layout(dtype, tol):
     LbnhcAdapter().compact([kv_cache], src, dst)
     assert torch.equal(key_cache.cpu(), expected[0])
     assert torch.equal(value_cache.cpu(), expected[1])
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_recycle_cuda_matches_reference(seed):
+    """Successor table update (repeated tokens: the last row wins) and the
+    recycled tree walk on CUDA, against the references."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, k, n = 50, 4, 64
+    table = torch.randint(-1, vocab, (vocab, k), generator=gen, dtype=torch.int32)
+    tokens = torch.randint(0, vocab, (n,), generator=gen, dtype=torch.int32)
+    topk = torch.randint(0, vocab, (n, k + 2), generator=gen, dtype=torch.int32)
+    want = table.clone()
+    reference.recycle_update(want, tokens, topk)
+    got = table.cuda()
+    ops.recycle_update(got, tokens.cuda(), topk.cuda())
+    assert torch.equal(got.cpu(), want)
+    parents = torch.tensor([-1, -1, 0, 0, 2, 1, 4, -1], dtype=torch.int32)
+    ranks = torch.tensor([0, 1, 0, 3, 1, -1, 2, 2], dtype=torch.int32)
+    roots = torch.randint(-1, vocab, (33,), generator=gen, dtype=torch.int32)
+    assert torch.equal(
+        ops.recycle_tree(got, roots.cuda(), parents.cuda(), ranks.cuda()).cpu(),
+        reference.recycle_tree(want, roots, parents, ranks))
