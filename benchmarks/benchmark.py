@@ -44,11 +44,12 @@ ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
                                                                        "stage2": False},
           "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False}}
-# Token recycling on and off (lookahead's default has it on), and alone.
-RECYCLING = {"lookahead-tree-no-recycle": {"recycle": False},
-             "lookahead-tree-static-no-recycle": {"recycle": False, "budget": "static"},
-             "recycle-only": {"window": 0, "guesses": 0},
-             "recycle-only-static": {"window": 0, "guesses": 0, "budget": "static"}}
+# Token recycling on (opt-in), and alone.
+RECYCLING = {"lookahead-tree-recycle": {"recycle": True},
+             "lookahead-tree-static-recycle": {"recycle": True, "budget": "static"},
+             "recycle-only": {"window": 0, "guesses": 0, "recycle": True},
+             "recycle-only-static": {"window": 0, "guesses": 0, "recycle": True,
+                                     "budget": "static"}}
 METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree",
            "lookahead-tree-static", *RECYCLING, "draft-model", *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",

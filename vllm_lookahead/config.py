@@ -125,7 +125,9 @@ class LookaheadConfig(_AdditionalConfig):
     ways:       associativity of the key table.
     shared_pool: also keep one pool shared by all requests (system prompts,
                 common code), consulted after the request's own pool.
-    recycle:    token recycling (tree mode, arXiv 2408.08696): keep the
+    recycle:    (opt-in: with sampled requests it once crashed vLLM's chain
+                verification path, not yet explained) token recycling (tree
+                mode, arXiv 2408.08696): keep the
                 target's top ``recycle_ranks`` next tokens after every token
                 it saw as input, from every forward, in one table shared by
                 all requests (vocab_size x recycle_ranks x 4 bytes), and
@@ -153,7 +155,7 @@ class LookaheadConfig(_AdditionalConfig):
     buckets: int = 2048
     ways: int = 4
     shared_pool: bool = False
-    recycle: bool = True
+    recycle: bool = False
     recycle_ranks: int = 8
     recycle_nodes: int = 48
     recycle_depth: int = 8
