@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ngram_pool_binding.h"
+#include "recycle_binding.h"
 
 namespace vllm_lookahead {
 namespace {
@@ -48,11 +49,8 @@ lookahead_tree_layout_cpu(const at::Tensor& grids, const at::Tensor& filled,
   const int64_t template_nodes = recycled_parents.size(0);
   TORCH_CHECK_VALUE(recycled.size(0) == batch && recycled.size(1) == template_nodes,
                     "lookahead_tree_layout: recycled must be [batch, len(recycled_parents)]");
+  check_template_order(recycled_parents, "lookahead_tree_layout: recycled_parents");
   const int32_t* rec_par = recycled_parents.data_ptr<int32_t>();
-  for (int64_t j = 0; j < template_nodes; ++j) {
-    TORCH_CHECK_VALUE(rec_par[j] >= -1 && rec_par[j] < j, "lookahead_tree_layout: recycled "
-                      "parent ", rec_par[j], " of node ", j, " must be -1 or an earlier node");
-  }
   TORCH_CHECK_VALUE(max_ranks >= 1, "max_ranks must be >= 1");
   TORCH_CHECK_VALUE(cont_len <= levels,
                     "candidates longer than the window's levels have no class");

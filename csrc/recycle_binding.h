@@ -32,12 +32,12 @@ inline void check_recycle_tree(const at::Tensor& table, const at::Tensor& roots,
 }
 
 // Parents before children, on the host (the template is small and lives on
-// the CPU for the CUDA op too).
-inline void check_template_order(const at::Tensor& parents_cpu) {
+// the CPU for the CUDA op too); op names the caller in the error.
+inline void check_template_order(const at::Tensor& parents_cpu, const char* op) {
   const int32_t* p = parents_cpu.data_ptr<int32_t>();
   for (int64_t j = 0; j < parents_cpu.size(0); ++j) {
-    TORCH_CHECK_VALUE(p[j] >= -1 && p[j] < j, "recycle_tree: parent ", p[j], " of node ",
-                      j, " must be -1 or an earlier node");
+    TORCH_CHECK_VALUE(p[j] >= -1 && p[j] < j, op, ": parent ", p[j], " of node ", j,
+                      " must be -1 or an earlier node");
   }
 }
 

@@ -24,7 +24,7 @@ void recycle_update_cpu(at::Tensor& table, const at::Tensor& tokens, const at::T
 at::Tensor recycle_tree_cpu(const at::Tensor& table, const at::Tensor& roots,
                             const at::Tensor& parents, const at::Tensor& ranks) {
   check_recycle_tree(table, roots, parents, ranks);
-  check_template_order(parents);
+  check_template_order(parents, "recycle_tree");
   const int64_t batch = roots.size(0), nodes = parents.size(0);
   auto out = at::full({batch, nodes}, -1, roots.options());
   const int32_t* root = roots.data_ptr<int32_t>();

@@ -56,7 +56,7 @@ void recycle_update_cuda(at::Tensor& table, const at::Tensor& tokens, const at::
 at::Tensor recycle_tree_cuda(const at::Tensor& table, const at::Tensor& roots,
                              const at::Tensor& parents, const at::Tensor& ranks) {
   check_recycle_tree(table, roots, parents, ranks);
-  check_template_order(parents.cpu());
+  check_template_order(parents.cpu(), "recycle_tree");
   const int64_t batch = roots.size(0), nodes = parents.size(0);
   auto out = at::full({batch, nodes}, -1, roots.options());
   if (batch == 0 || nodes == 0) return out;
