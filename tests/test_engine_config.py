@@ -110,5 +110,6 @@ def test_every_touch_point_is_a_declared_patch():
         declared |= set(re.findall(r"^class (\w+Patch)\(Patch\)", module.read_text(), re.M))
     applied = {patch.__name__ for patch in vllm_patches._applied.values()}
     assert declared == applied == {"EngineArgsPatch", "VllmConfigPatch", "GPUModelRunnerPatch",
-                                   "RejectionSamplerPatch", "CpuPlatformPatch",
+                                   "RejectionSamplerPatch", "ExpandBatchToTokensPatch",
+                                   "CpuPlatformPatch",
                                    "FlexAttentionMetadataPatch"}

@@ -63,6 +63,32 @@ def test_top_k_top_p_match_vllm(seed):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_rejection_sampler_expands_sampling_parameters_per_draft_token(dtype):
+    """vLLM's chain verification expands each request's temperature / top-k /
+    top-p to its draft tokens; on CPU vLLM 0.32 leaves non-int64 results
+    uninitialised (vLLM #55005), which the declared patch fixes."""
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.sample import rejection_sampler
+
+    from vllm_lookahead import vllm as vllm_patches
+    from vllm_lookahead.vllm.sampler import ExpandBatchToTokensPatch
+
+    CpuPlatform.register_triton_kernel_overrides()
+    vllm_patches.apply_all()
+    x = torch.tensor([24, 0, 5, 7], dtype=dtype) * (0.5 if dtype.is_floating_point else 1)
+    cu = torch.tensor([3, 5, 5, 9], dtype=torch.int32)
+    expected = torch.tensor([24, 24, 24, 1, 1, 7, 7, 7, 7], dtype=dtype)
+    expected = expected * torch.tensor([0.5] * 3 + [1, 1] + [0.5] * 4) \
+        if dtype.is_floating_point else expected
+    for _ in range(3):  # uninitialised memory may hold the right values once
+        torch.empty(64, dtype=dtype).fill_(-3)
+        got = rejection_sampler.expand_batch_to_tokens(x, cu, 9, replace_from=0, replace_to=1)
+        assert got.dtype == dtype and torch.equal(got, expected)
+    assert rejection_sampler.expand_batch_to_tokens.__qualname__.startswith(
+        ExpandBatchToTokensPatch.__name__)
+
+
 def test_sample_rows_follow_the_processed_distribution():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 12, generator=gen) * 2
@@ -187,8 +213,11 @@ def test_lookahead_sampling_matches_plain_sampling(tiny_llama, plain_samples):
     # Static budget and no per-step node cap: a measured budget may (rightly)
     # cut every tree of this random model, and the default cap of 64 nodes
     # per step leaves nothing for each of 256 running requests.
+    # Token recycling on: its drafts reach vLLM's chain verification on steps
+    # without trees (the seeded request below), where vLLM 0.32 on CPU
+    # expanded the sampling parameters into uninitialised memory (#55005).
     method = lookahead_method(k=16, window=3, guesses=3, ngram=3, budget="static",
-                              max_tree_tokens=16 * ENGINE["max_num_seqs"])
+                              max_tree_tokens=16 * ENGINE["max_num_seqs"], recycle=True)
     llm = make_llm(tiny_llama, method, **ENGINE)
     ours = np.array(_sample_tokens(llm, SamplingParams(max_tokens=4, **PARAMS)))
     accepted = accepted_tokens(llm)

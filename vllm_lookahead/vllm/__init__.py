@@ -1,14 +1,14 @@
 """The only code that reaches into vLLM internals.
 
 Every change to vLLM's behaviour is a declared patch: a ``Patch`` subclass at
-module top level naming its ``target`` class, whose (non-dunder) functions
-and classmethods replace the target's. One module per vLLM component:
+module top level naming its ``target`` class (or module), whose (non-dunder)
+functions and classmethods replace the target's. One module per vLLM component:
 
 | module | vLLM component |
 | --- | --- |
 | ``engine`` | ``EngineArgs`` (startup validation), ``VllmConfig`` (CUDA graph mode, model runner) |
 | ``model_runner`` | ``GPUModelRunner`` (drafts to the tree runtime, tree steps, tree acceptance) |
-| ``sampler`` | ``RejectionSampler`` (exact greedy rows in mixed batches) |
+| ``sampler`` | ``RejectionSampler`` (exact greedy rows in mixed batches), ``rejection_sampler.expand_batch_to_tokens`` (vLLM #55005 on CPU) |
 | ``attention`` | ``CpuPlatform``, ``FlexAttentionMetadata`` (FLEX_ATTENTION on CPU) and the attention backends, subclassed and registered through vLLM's backend registry (``attention_cuda`` for the CUDA ones) |
 | ``draft_model`` | vLLM's draft-model proposer, driven by the staged cascade |
 | ``cli`` | ``importlib.metadata`` alias for the CPU wheel (``vllm_lookahead.serve`` only) |
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from types import ModuleType
 from typing import Any, ClassVar
 
 PINNED_VLLM_VERSION = "0.32.0"
@@ -56,7 +57,7 @@ class Patch:
     ``original(name)`` returns the replaced attribute (bound to the class
     for a classmethod)."""
 
-    target: ClassVar[type]
+    target: ClassVar[type | ModuleType]
     _originals: ClassVar[dict[str, Any]]
 
     @classmethod
@@ -69,22 +70,27 @@ class Patch:
         }
 
     @classmethod
+    def target_name(cls) -> str:
+        target = cls.target
+        return target.__name__ if isinstance(target, ModuleType) else target.__qualname__
+
+    @classmethod
     def apply(cls) -> None:
         cls._originals = {}
         for name, value in cls.attributes().items():
             key = (cls.target, name)
             if key in _applied:
                 raise RuntimeError(
-                    f"{cls.target.__qualname__}.{name} is already patched by "
+                    f"{cls.target_name()}.{name} is already patched by "
                     f"{_applied[key].__qualname__}"
                 )
             if name not in vars(cls.target) and not hasattr(cls.target, name):
-                raise RuntimeError(f"{cls.target.__qualname__} has no attribute {name} "
+                raise RuntimeError(f"{cls.target_name()} has no attribute {name} "
                                    f"(vLLM {PINNED_VLLM_VERSION} expected)")
             cls._originals[name] = getattr(cls.target, name)
             setattr(cls.target, name, value)
             _applied[key] = cls
-            logger.info("vllm_lookahead: patched %s.%s", cls.target.__qualname__, name)
+            logger.info("vllm_lookahead: patched %s.%s", cls.target_name(), name)
 
     @classmethod
     def original(cls, name: str) -> Any:
@@ -101,6 +107,7 @@ def apply_all() -> None:
 
     for patch in (engine.EngineArgsPatch, engine.VllmConfigPatch,
                   model_runner.GPUModelRunnerPatch, sampler.RejectionSamplerPatch,
+                  sampler.ExpandBatchToTokensPatch,
                   attention.CpuPlatformPatch, attention.FlexAttentionMetadataPatch):
         patch.apply()
     attention.register_tree_backends()
