@@ -12,7 +12,7 @@ from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, ops
 from vllm_lookahead import vllm as vllm_patches
 from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, REPROBE_STEPS, NodeValues,
-                                             StepCostModel)
+                                             StepCostModel, nonnegative_least_squares)
 from vllm_lookahead.proposers.jacobi import (JacobiWindow, fit_tree, num_classes,
                                               reference_tree_layouts, tree_layout)
 from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
@@ -151,6 +151,31 @@ def test_per_request_overrides(proposer):
     assert drafts[0] == [] and "a" not in drafts.trees
     assert len(drafts[1]) == 1
     assert len(drafts[2]) == 3 + 3  # the bad override is ignored
+
+
+def coordinate_descent_nnls(xtx, xty, sweeps=20000):
+    """Reference: cyclic coordinate descent to convergence (coef[1:] >= 0)."""
+    coef = np.zeros(len(xty))
+    for _ in range(sweeps):
+        for i in range(len(coef)):
+            value = coef[i] + (xty[i] - xtx[i] @ coef) / xtx[i, i]
+            coef[i] = value if i == 0 else max(value, 0.0)
+    return coef
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_nonnegative_least_squares_matches_coordinate_descent(seed):
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([np.ones(40), rng.random((40, 4)) * [1, 4, 16, 60]])
+    truth = rng.normal(size=5) * [1, 0.5, 0.5, 0.1, 0.05]  # some costs negative
+    y = x @ truth + rng.normal(size=40) * 0.05
+    xtx, xty = x.T @ x + 1e-6 * np.eye(5), x.T @ y
+    got = nonnegative_least_squares(xtx, xty)
+    expected = coordinate_descent_nnls(xtx, xty)
+    assert (got[1:] >= 0).all()
+    objective = lambda c: c @ xtx @ c - 2 * xty @ c  # noqa: E731
+    assert objective(got) <= objective(expected) + 1e-9 * abs(objective(expected))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_budget_shrinks_trees_as_the_batch_grows(proposer):

@@ -236,6 +236,18 @@ class LookaheadProposer:
             drafting = drafting[:0]
         return drafting
 
+    def _any_tree_may_pay(self, threshold: float, n_requests: int) -> bool:
+        """Whether ``_paying`` could keep any tree this step: a tree holds
+        each node class at most once, so its net gain is at most the sum of
+        the classes' positive margins. Where even that does not cover a
+        tree's or a step's fixed cost, the layout is not built (measured:
+        ~1 ms a step at batch 16 that the budget then discarded)."""
+        if self.config.budget != "measured" or not self.cost.ready:
+            return True
+        best = np.maximum(self.values.rate() - threshold, 0.0).sum()
+        best -= self.cost.tree_cost_tokens(n_requests)
+        return best > 0 and n_requests * best >= self.cost.fixed_cost_tokens(n_requests)
+
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
         """vLLM's custom-class entry point; with this package's plugin the
@@ -397,7 +409,7 @@ class LookaheadProposer:
         threshold = self._bar(len(rows))
         value = self.values.estimate()
         no_tree: tuple[list[int], list[int] | None] = ([], None)
-        if value.max() < threshold:  # no node would be kept: skip the work
+        if value.max() < threshold or not self._any_tree_may_pay(threshold, len(rows)):
             return [no_tree] * len(req_ids)
         self._index_new_tokens(req_ids, rows, lengths, token_ids_cpu)
         column_value = value[:levels * cfg.window].reshape(levels, cfg.window)
