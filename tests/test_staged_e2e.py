@@ -78,6 +78,17 @@ def _run(model, draft, prompts, staged, monkeypatch):
 
     stats = llm.collective_rpc(staged_stats)[0]
     penalised = _tokens(llm.generate(prompts[:3], _penalised(), use_tqdm=False))
+    # Requests that turn the cascade off draft nothing and stay exact.
+    from vllm import SamplingParams
+
+    from benchmarks.common import spec_counters
+
+    before = spec_counters(llm)
+    disabled = _tokens(llm.generate(prompts[:3], SamplingParams(
+        temperature=0.0, max_tokens=24, extra_args={"staged": {"disable": True}}),
+        use_tqdm=False))
+    assert spec_counters(llm)["drafts"] == before["drafts"]
+    assert disabled == outputs[:3]
     del llm
     return outputs, metrics, stats, penalised
 

@@ -111,6 +111,10 @@ class StagedDrafter:
         # Per request: positions whose draft KV holds the verified tokens,
         # and the tokens fed after them (verified or not).
         self._valid: dict[str, int] = {}
+        # Requests with extra_args={"staged": {"disable": True}}; and those
+        # whose bad "staged" extra_args were warned about.
+        self._disabled: set[str] = set()
+        self._warned: set[str] = set()
         self._fed: dict[str, np.ndarray] = {}
         self._indexed: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
@@ -128,9 +132,38 @@ class StagedDrafter:
         dropped; one that comes back is re-read from its first token."""
         self._batch_req_ids = list(batch.req_ids)
         self._batch_trees = batch.trees_verified and self.config.tree
+        self._disabled = {r for r, extra in zip(batch.req_ids, batch.extra_args)
+                          if self._disables(r, extra)}
         present = set(batch.req_ids)
+        self._warned &= present
         for req_id in [r for r in self._valid if r not in present]:
             self._drop(req_id)
+
+    def _disables(self, req_id: str, extra_args: dict[str, Any] | None) -> bool:
+        """Whether the request turned drafting off with
+        ``extra_args={"staged": {"disable": True}}`` (or, as the OpenAI
+        server's flat ``vllm_xargs`` allow, ``{"staged_disable": 1}``);
+        anything else there is ignored with one warning (raising would stop
+        the engine for every request)."""
+        extra_args = extra_args or {}
+        flat = extra_args.get("staged_disable")  # the OpenAI server's flat vllm_xargs
+        if flat is not None:
+            if isinstance(flat, (bool, int)) and flat in (0, 1):
+                return bool(flat)
+            raw: Any = {"staged_disable": flat}
+        else:
+            raw = extra_args.get("staged")
+            if raw is None:
+                return False
+        if flat is None and isinstance(raw, dict) and set(raw) <= {"disable"} and isinstance(
+                raw.get("disable", False), bool):
+            return raw.get("disable", False)
+        if req_id not in self._warned:
+            self._warned.add(req_id)
+            logger.warning("vllm_lookahead: request %s: ignoring extra_args %r (the cascade "
+                           "takes {'staged': {'disable': bool}} or {'staged_disable': 0 or 1})",
+                           req_id, raw)
+        return False
 
     def _drop(self, req_id: str) -> None:
         self._valid.pop(req_id, None)
@@ -222,7 +255,7 @@ class StagedDrafter:
         # last token.
         rows = [r for r, s in enumerate(sampled_token_ids)
                 if s and num_tokens[r] < self.max_model_len
-                and capacity[r] >= num_tokens[r]]
+                and capacity[r] >= num_tokens[r] and req_ids[r] not in self._disabled]
         if not rows:
             return drafts
         chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward)
