@@ -85,8 +85,8 @@ def _run(model, draft, prompts, staged, monkeypatch):
 
     before = spec_counters(llm)
     disabled = _tokens(llm.generate(prompts[:3], SamplingParams(
-        temperature=0.0, max_tokens=24, extra_args={"staged": {"disable": True}}),
-        use_tqdm=False))
+        temperature=0.0, max_tokens=_params().max_tokens,
+        extra_args={"staged": {"disable": True}}), use_tqdm=False))
     assert spec_counters(llm)["drafts"] == before["drafts"]
     assert disabled == outputs[:3]
     del llm
