@@ -84,9 +84,10 @@ def _run(model, draft, prompts, staged, monkeypatch):
     from benchmarks.common import spec_counters
 
     before = spec_counters(llm)
-    disabled = _tokens(llm.generate(prompts[:3], SamplingParams(
-        temperature=0.0, max_tokens=_params().max_tokens,
-        extra_args={"staged": {"disable": True}}), use_tqdm=False))
+    disabled = _tokens(llm.generate(prompts[:3], [
+        SamplingParams(temperature=0.0, max_tokens=p.max_tokens,
+                       extra_args={"staged": {"disable": True}}) for p in _params()[:3]],
+        use_tqdm=False))
     assert spec_counters(llm)["drafts"] == before["drafts"]
     assert disabled == outputs[:3]
     del llm
