@@ -8,7 +8,7 @@ functions and classmethods replace the target's. One module per vLLM component:
 | --- | --- |
 | ``engine`` | ``EngineArgs`` (startup validation), ``VllmConfig`` (CUDA graph mode, model runner) |
 | ``model_runner`` | ``GPUModelRunner`` (drafts to the tree runtime, tree steps, tree acceptance) |
-| ``sampler`` | ``RejectionSampler`` (exact greedy rows in mixed batches), ``rejection_sampler.expand_batch_to_tokens`` (vLLM #55005 on CPU) |
+| ``sampler`` | ``RejectionSampler`` (exact greedy rows in mixed batches, plain sampling of steps without drafts), ``rejection_sampler.expand_batch_to_tokens`` (vLLM #55005 on CPU) |
 | ``attention`` | ``CpuPlatform``, ``FlexAttentionMetadata`` (FLEX_ATTENTION on CPU) and the attention backends, subclassed and registered through vLLM's backend registry (``attention_cuda`` for the CUDA ones) |
 | ``draft_model`` | vLLM's draft-model proposer, driven by the staged cascade |
 | ``cli`` | ``importlib.metadata`` alias for the CPU wheel (``vllm_lookahead.serve`` only) |
