@@ -144,6 +144,32 @@ def test_requests_leaving_are_reread():
     assert step(d, model, history, trees=False) == model.greedy(history, 4)
 
 
+@pytest.mark.parametrize("extra_args,disabled", [
+    ({"staged": {"disable": True}}, True), ({"staged_disable": 1}, True),
+    ({"staged": {"disable": False}}, False), ({"staged_disable": 0}, False),
+    ({"staged": {"disabel": True}}, False), ({"staged_disable": "yes"}, False),
+    (None, False),
+])
+def test_a_request_switches_the_cascade_off(extra_args, disabled, caplog):
+    """A disabled request gets no draft and no draft forward; a malformed
+    switch is ignored with a warning."""
+    import dataclasses
+
+    model = ToyDraft(seed=0)
+    d = drafter(k=4, tree=False)
+    history = [3, 5, 7, 9, 2]
+    tokens = np.zeros((1, 4096), dtype=np.int64)
+    tokens[0, :len(history)] = history
+    d.bind_batch(dataclasses.replace(batch_info(["r"]), extra_args=[extra_args]))
+    drafts = d.draft(DraftInputs([[history[-1]]], np.array([len(history)]), tokens,
+                                 DraftModel(np.array([4096]), model)))
+    assert (drafts.tokens[0] == []) == disabled
+    assert (model.forwards == 0) == disabled
+    malformed = extra_args is not None and not disabled and 0 not in extra_args.values() \
+        and {"disable": False} not in extra_args.values()
+    assert ("ignoring extra_args" in caplog.text) == malformed
+
+
 def test_config_errors():
     with pytest.raises(LookaheadConfigError, match="depth"):
         StagedConfig(depth=0)

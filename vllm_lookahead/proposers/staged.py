@@ -146,23 +146,22 @@ class StagedDrafter:
         anything else there is ignored with one warning (raising would stop
         the engine for every request)."""
         extra_args = extra_args or {}
-        flat = extra_args.get("staged_disable")  # the OpenAI server's flat vllm_xargs
-        if flat is not None:
-            if isinstance(flat, (bool, int)) and flat in (0, 1):
-                return bool(flat)
-            raw: Any = {"staged_disable": flat}
+        if "staged_disable" in extra_args:
+            value = extra_args["staged_disable"]
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+        elif "staged" in extra_args:
+            value = extra_args["staged"]
+            if (isinstance(value, dict) and set(value) <= {"disable"}
+                    and isinstance(value.get("disable", False), bool)):
+                return value.get("disable", False)
         else:
-            raw = extra_args.get("staged")
-            if raw is None:
-                return False
-        if flat is None and isinstance(raw, dict) and set(raw) <= {"disable"} and isinstance(
-                raw.get("disable", False), bool):
-            return raw.get("disable", False)
+            return False
         if req_id not in self._warned:
             self._warned.add(req_id)
             logger.warning("vllm_lookahead: request %s: ignoring extra_args %r (the cascade "
                            "takes {'staged': {'disable': bool}} or {'staged_disable': 0 or 1})",
-                           req_id, raw)
+                           req_id, extra_args)
         return False
 
     def _drop(self, req_id: str) -> None:
