@@ -62,10 +62,12 @@ def test_tree_mode_dtypes_and_bad_mode_at_startup(smollm2, dtype, mode, error):
             args.create_engine_config()
 
 
-@pytest.mark.parametrize("block_size, error", [(128, "'amx'"), (16, None)])
+@pytest.mark.parametrize("block_size, error", [(128, "'amx'"), (16, None), (None, None)])
 def test_bf16_tree_mode_on_an_amx_cpu(smollm2, monkeypatch, block_size, error):
     """vLLM's CPU kernel packs bf16 keys for AMX (block size % 32 == 0): tree
-    mode refuses at startup and says to pass block_size=16 (vec16)."""
+    mode refuses a block size the user set to such a value at startup and
+    says to pass block_size=16 (vec16); with vLLM's default block size
+    (128 on CPU) it takes 16."""
     import torch
     from vllm.engine.arg_utils import EngineArgs
 
@@ -79,7 +81,7 @@ def test_bf16_tree_mode_on_an_amx_cpu(smollm2, monkeypatch, block_size, error):
                             "model": "vllm_lookahead.LookaheadProposer",
                             "num_speculative_tokens": 8})
     if error is None:
-        args.create_engine_config()
+        assert args.create_engine_config().cache_config.block_size == (block_size or 16)
     else:
         with pytest.raises(NotImplementedError, match=error):
             args.create_engine_config()

@@ -9,7 +9,7 @@ dtype is decided in :func:`adapter_for`; what is refused says so there.
 | vLLM backend | layout | adapter |
 | --- | --- | --- |
 | CPU_ATTN, ISA vec / vec16 (fp32, bf16, fp16 without AMX) | LBHNC, keys transposed per block | :class:`CpuVecAdapter` |
-| CPU_ATTN, ISA amx (bf16 on AMX CPUs, block size % 32 == 0) | keys in 16-token VNNI groups | refused |
+| CPU_ATTN, ISA amx (bf16 on AMX CPUs, block size % 32 == 0) | keys in 16-token VNNI groups | refused (vLLM's default block size becomes 16: vec16) |
 | FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION | LBNHC | :class:`LbnhcAdapter` |
 | FLASHINFER | LBNHC or HND (SM100) | refused |
 """
