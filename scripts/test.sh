@@ -3,4 +3,4 @@
 # pytest (e.g. -m "not slow" for the quick ones).
 source "$(dirname "$0")/env.sh"
 PYTHON="$PY" bash scripts/check_cuda_compile.sh
-exec "$PY" -m pytest -v -rs tests "$@"
+exec "$PY" -m pytest -v -rs --durations=40 tests "$@"

@@ -88,8 +88,21 @@ def test_flex_attention_on_cpu_is_the_lbnhc_layout(smollm2, workload, tmp_path):
     assert accepted > 0
 
 
+@pytest.fixture
+def without_amx(monkeypatch):
+    """Engines in this process (engine core and worker in-process), which
+    take vLLM's CPU attention kernel of a CPU without AMX: on an AMX CPU,
+    vLLM's bf16 CPU_ATTN kernel is 'amx', whose packed keys the tree
+    runtime does not read (refused at startup: test_config), so the bf16
+    CPU_ATTN layout the runtime does read is tested as on other CPUs."""
+    import torch
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
 @pytest.mark.parametrize("attention", [{}, FLEX_ENGINE], ids=["cpu-attn", "flex"])
-def test_bf16_tree_mode(smollm2, workload, tmp_path, attention):
+def test_bf16_tree_mode(smollm2, workload, tmp_path, attention, request):
     """bf16 on CPU_ATTN and FLEX. The output may differ from plain bf16
     vLLM's: a tree step has other batch shapes than a plain decoding step
     (more query rows; the tree rows attended by the runtime's op, bf16 inputs
@@ -101,6 +114,8 @@ def test_bf16_tree_mode(smollm2, workload, tmp_path, attention):
     (the request then leaves the reference), never beyond it; a request that
     never disagrees keeps plain's output."""
     prompts, params = workload
+    if not attention:
+        request.getfixturevalue("without_amx")
     engine = {"dtype": "bfloat16", **attention}
     plain, _, _ = run(smollm2, Method("plain"), prompts, params, **engine)
     plain_alone = token_ids(make_llm(smollm2, Method("plain"), max_num_seqs=1,

@@ -80,27 +80,10 @@ def check_tree_supported(vllm_config: Any) -> None:
     if backend is not None and backend.name != "CPU_ATTN":
         adapter_for(backend.name)
     elif device == "cpu" and vllm_config.cache_config.block_size is not None:
-        adapter_for("CPU_ATTN", _cpu_attn_isa(vllm_config))
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-
-def _cpu_attn_isa(vllm_config: Any) -> str:
-    """The kernel vLLM's CPU attention will pick for this engine. Where it
-    is 'amx' (bf16 on an AMX CPU, block size a multiple of 32), whose packed
-    keys the tree runtime does not read, and the block size is vLLM's
-    default rather than the user's, the engine takes block size 16 (the
-    'vec16' kernel) instead; a block size the user set is left to refuse."""
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    model, cache = vllm_config.model_config, vllm_config.cache_config
-    isa = _get_attn_isa(model.dtype, cache.block_size, model.get_head_size())
-    if isa == "amx" and not cache.user_specified_block_size:
-        logger.info(
-            "vllm_lookahead: tree speculation reads vLLM's 'vec16' CPU attention layout, "
-            "not the AMX kernel's; block size %d -> 16 (pass block_size to choose)",
-            cache.block_size)
-        cache.block_size = 16
-        isa = _get_attn_isa(model.dtype, cache.block_size, model.get_head_size())
-    return isa
+        adapter_for("CPU_ATTN", _get_attn_isa(model.dtype, vllm_config.cache_config.block_size,
+                                              model.get_head_size()))
 
 
 class EngineArgsPatch(Patch):

@@ -9,7 +9,7 @@ dtype is decided in :func:`adapter_for`; what is refused says so there.
 | vLLM backend | layout | adapter |
 | --- | --- | --- |
 | CPU_ATTN, ISA vec / vec16 (fp32, bf16, fp16 without AMX) | LBHNC, keys transposed per block | :class:`CpuVecAdapter` |
-| CPU_ATTN, ISA amx (bf16 on AMX CPUs, block size % 32 == 0) | keys in 16-token VNNI groups | refused (vLLM's default block size becomes 16: vec16) |
+| CPU_ATTN, ISA amx (bf16 on AMX CPUs; CPU_ATTN block sizes are multiples of 32) | keys in 16-token VNNI groups | refused (FLEX_ATTENTION or fp32 instead) |
 | FLASH_ATTN, TRITON_ATTN, FLEX_ATTENTION | LBNHC | :class:`LbnhcAdapter` |
 | FLASHINFER | LBNHC or HND (SM100) | refused |
 """
@@ -95,9 +95,11 @@ def adapter_for(backend: str, isa: str | None = None) -> KVLayoutAdapter:
             return CpuVecAdapter()
         raise NotImplementedError(
             f"tree speculation: vLLM's CPU attention kernel {isa!r} packs the KV cache in a "
-            "layout the tree runtime does not read (only 'vec' and 'vec16'; 'amx' is chosen "
-            "for bf16 on AMX CPUs when the block size is a multiple of 32): pass "
-            "block_size=16 or dtype='float32', or use lookahead mode \"linear\"")
+            "layout the tree runtime does not read (only 'vec' and 'vec16'; 'amx' is vLLM's "
+            "kernel for bf16 on AMX CPUs, whose CPU_ATTN block sizes are multiples of 32): "
+            "pass dtype='float32', or the FLEX_ATTENTION backend (block_size=16, "
+            "attention_config={\"backend\": \"FLEX_ATTENTION\", \"flex_attn_kv_block_size\": "
+            "128}), or use lookahead mode \"linear\"")
     if backend in LBNHC_BACKENDS:
         return LbnhcAdapter()
     raise NotImplementedError(
