@@ -43,7 +43,10 @@ DEFAULT_SOURCE = "spec-bench" if SPEC_BENCH.exists() else "shipped"
 ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
                                                                        "stage2": False},
-          "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False}}
+          "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False},
+          # The whole chain / tree every step (no measured budget).
+          "staged-linear-static": {"tree": False, "budget": "static"},
+          "staged-tree-static": {"budget": "static"}}
 # Token recycling on (opt-in), and alone.
 RECYCLING = {"lookahead-tree-recycle": {"recycle": True},
              "lookahead-tree-static-recycle": {"recycle": True, "budget": "static"},

@@ -110,8 +110,10 @@ def staged_method(draft: str, k: int = 8, **staged: Any) -> Method:
     ``additional_config["staged"]``."""
     tree = staged.get("tree", True)
     stage2 = staged.get("stage2", True)
+    static = staged.get("budget") == "static"
     return Method(
-        f"staged-{'tree' if tree else 'linear'}{'' if stage2 else '-no-stage2'}",
+        f"staged-{'tree' if tree else 'linear'}{'' if stage2 else '-no-stage2'}"
+        f"{'-static' if static else ''}",
         {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
         {"staged": staged},
     )

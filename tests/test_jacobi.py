@@ -90,7 +90,7 @@ def propose(proposer, rows, extra_args=None, scheduled_tokens=None) -> Proposed:
     step-time fit)."""
     if scheduled_tokens is not None:
         proposer.step_started()
-        proposer._forward_started -= 0.01 + 0.001 * scheduled_tokens
+        proposer.timer._forward_started -= 0.01 + 0.001 * scheduled_tokens
     req_ids = list(rows)
     tokens = np.zeros((len(rows), 64), dtype=np.int32)
     for i, history in enumerate(rows.values()):

@@ -97,9 +97,9 @@ SERVED = {
     "lookahead": ({"method": "custom_class", "model": "vllm_lookahead.LookaheadProposer",
                    "num_speculative_tokens": 4},
                   {"lookahead": {"ngram": 3, "budget": "static"}}, "LookaheadProposer"),
-    # The staged cascade, the model drafting for itself.
+    # The staged cascade, the model drafting for itself, every step.
     "staged": ({"method": "draft_model", "model": None, "num_speculative_tokens": 4},
-               {"staged": {}}, "staged draft cascade"),
+               {"staged": {"budget": "static"}}, "staged draft cascade"),
 }
 
 

@@ -48,9 +48,13 @@ class ToyDraft:
         return torch.stack(out)
 
 
-def drafter(k=6, **config):
+def drafter(k=6, clock=None, **config):
+    """A staged drafter; the static budget unless ``budget`` says otherwise
+    (the measured one drafts nothing before it has timed a few steps)."""
+    config.setdefault("budget", "static")
     return StagedDrafter(StagedConfig(**config), num_speculative_tokens=k,
-                         max_model_len=4096, max_num_seqs=4, vocab_size=VOCAB)
+                         max_model_len=4096, max_num_seqs=4, vocab_size=VOCAB,
+                         **({"clock": clock} if clock else {}))
 
 
 def draft(d, model, history, trees=True):
@@ -177,3 +181,109 @@ def test_config_errors():
         StagedConfig.from_dict({"tre": True})
     with pytest.raises(LookaheadConfigError, match="stage2"):
         StagedConfig(stage2="yes")
+
+
+class Clock:
+    """A fake ``time.perf_counter`` the simulated engine advances."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class TimedToy(ToyDraft):
+    """A ToyDraft whose every forward takes ``seconds`` on ``clock``."""
+
+    def __init__(self, clock, seconds, **kwargs):
+        super().__init__(**kwargs)
+        self.clock, self.seconds = clock, seconds
+
+    def __call__(self, *args):
+        self.clock.t += self.seconds
+        return super().__call__(*args)
+
+
+def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001)):
+    """One request through ``steps`` simulated engine steps: each target
+    forward of 1 + n draft tokens takes a + b * (1 + n) seconds and accepts
+    the draft nodes along the target's greedy path (``target``'s). Checks
+    that every draft's chain is the draft model's greedy chain; returns the
+    per-step (draft size, draft forwards) and the tokens produced."""
+    history, new = [3, 5, 7], [7]
+    tokens = np.zeros((1, 4096), dtype=np.int64)
+    pending, parents, log = [], [], []
+    for _ in range(steps):
+        d.step_started()
+        clock.t += step_seconds[0] + step_seconds[1] * (1 + len(pending))
+        if pending:  # the target verifies the last draft
+            node, new = -1, []
+            while True:
+                truth = target.greedy(history + new, 1)[0]
+                node = next((i for i in range(node + 1, len(pending))
+                             if parents[i] == node and pending[i] == truth), None)
+                new.append(truth)
+                if node is None:
+                    break
+        history += new if pending else []
+        tokens[0, :len(history)] = history
+        d.bind_batch(batch_info(["r"], trees_verified=trees,
+                                scheduled_tokens=1 + len(pending)))
+        forwards = model.forwards
+        drafts = d.draft(DraftInputs([new], np.array([len(history)]), tokens,
+                                     DraftModel(np.array([4096]), model)))
+        pending = drafts.tokens[0]
+        parents = drafts.parents[0] or list(range(-1, len(pending) - 1))
+        chain = chain_of(pending, parents)
+        assert chain == model.greedy(history, len(chain))
+        log.append((len(pending), model.forwards - forwards))
+        if not pending:  # a plain step: the target's next token
+            new = target.greedy(history, 1)
+            history += new
+    return np.array(log), len(history)
+
+
+@pytest.mark.parametrize("trees", [False, True])
+def test_measured_budget_drafts_what_pays(trees):
+    """Simulated engine, one request, the draft model as the target (every
+    chain token is accepted): with a draft forward at 5% of a target step
+    the measured budget drafts (nearly) the static budget's full chains;
+    at 2.5 target steps (a draft round costs more than any token it can
+    add) it stops drafting after its first probes and drafts nothing
+    more until it probes again (REPROBE_STEPS later)."""
+    from vllm_lookahead.proposers.budget import REPROBE_STEPS
+
+    k = 6
+    for seconds, drafts in ((0.005, True), (0.25, False)):
+        clock = Clock()
+        model = TimedToy(clock, seconds, seed=0, sharpness=8.0)
+        d = drafter(k=k, clock=clock, budget="measured", tree=trees, stage2=False)
+        log, _ = serve(d, model, ToyDraft(seed=0, sharpness=8.0), clock, 60, trees)
+        assert log[:3, 0].sum() == 0  # no draft before the step time is fitted
+        late = log[20:]
+        if drafts:
+            assert late[:, 0].mean() >= k - 1, late
+        else:
+            assert late.sum() == 0, log
+            assert log[:20, 1].sum() >= 1  # it did probe
+    assert 60 < REPROBE_STEPS
+
+
+def test_measured_budget_learns_a_draft_that_the_target_rejects():
+    """A confident draft that the target disagrees with: the calibration
+    learns that its confident nodes are rejected, and the cascade stops
+    paying for long chains (static: 6 forwards and nodes every step)."""
+    clock = Clock()
+    model = TimedToy(clock, 0.005, seed=0, sharpness=8.0)
+    d = drafter(k=6, clock=clock, budget="measured", tree=False, stage2=False)
+    log, _ = serve(d, model, ToyDraft(seed=5, sharpness=8.0), clock, 120, trees=False)
+    late = log[60:]
+    assert late[:, 1].mean() <= 1.5 and late[:, 0].mean() <= 1.5, late
+    assert d.calibration.of(np.array([0.99]))[0] < 0.5
+
+
+def test_budget_config():
+    assert StagedConfig().budget == "measured"
+    with pytest.raises(LookaheadConfigError, match="budget"):
+        StagedConfig(budget="fixed")

@@ -40,6 +40,12 @@ class _AdditionalConfig:
                 f'additional_config["{self.key}"]["{name}"] must be a boolean, '
                 f"got {getattr(self, name)!r}")
 
+    def _budget(self) -> None:
+        if self.budget not in ("measured", "static"):
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["budget"] must be "measured" '
+                f'or "static", got {self.budget!r}')
+
     def _pool_sizes(self) -> None:
         """The n-gram pool keys shared by both sections."""
         for name in ("ngram", "key_len", "capacity", "buckets", "ways"):
@@ -169,11 +175,7 @@ class LookaheadConfig(_AdditionalConfig):
                 f'additional_config["{CONFIG_KEY}"]["mode"] must be "tree" or '
                 f'"linear", got {self.mode!r}'
             )
-        if self.budget not in ("measured", "static"):
-            raise LookaheadConfigError(
-                f'additional_config["{CONFIG_KEY}"]["budget"] must be "measured" '
-                f'or "static", got {self.budget!r}'
-            )
+        self._budget()
         if self.ngram is None:
             object.__setattr__(self, "ngram", 3 if self.mode == "tree" else 4)
         if self.key_len is None and isinstance(self.ngram, int):
@@ -209,6 +211,15 @@ class StagedConfig(_AdditionalConfig):
                 unchanged: exactly the draft's greedy tokens).
     ngram, key_len, capacity, buckets, ways: the stage-2 pool, as in
                 ``additional_config["lookahead"]``.
+    budget:     "measured": draft only what pays, per step and request: the
+                target's step time and the draft's forward time are fitted
+                online, each draft node's acceptance is estimated from its
+                draft probability (calibrated on the verified steps), and a
+                draft round runs while the nodes it adds are worth more than
+                it costs; a node is verified only if its acceptance beats the
+                tokens the engine would produce in the time it costs (so the
+                cascade drafts less as the batch grows, and nothing where it
+                does not pay); "static": the full chain and tree every step.
     """
 
     key: ClassVar[str] = STAGED_KEY
@@ -222,10 +233,12 @@ class StagedConfig(_AdditionalConfig):
     capacity: int = 4
     buckets: int = 1024
     ways: int = 4
+    budget: str = "measured"
 
     def __post_init__(self) -> None:
         for name in ("tree", "stage2"):
             self._boolean(name)
+        self._budget()
         if self.depth is not None:
             self._integer("depth", 1)
         self._integer("children", 1)

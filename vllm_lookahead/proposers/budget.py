@@ -43,7 +43,9 @@ was cut is tried again now and then.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -270,3 +272,124 @@ class NodeValues:
         self.accepted *= COUNT_DECAY
         np.add.at(self.offered, offered, 1.0)
         np.add.at(self.accepted, accepted, 1.0)
+
+
+class StepTimer:
+    """Feeds a :class:`StepCostModel` from the engine's calls to a drafter:
+    ``forward_started`` as a forward starts, ``batch_bound`` after it (the
+    forward's time, and the step's since the last one), ``drafted`` with
+    what the drafts of the coming forward hold, ``observe`` on the next
+    drafting call with the tokens the step produced. ``excluded`` seconds
+    (a draft model's forwards, which run between the target's) are taken
+    out of the step time so the host overhead stays the engine's own."""
+
+    def __init__(self, cost: StepCostModel,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.cost = cost
+        self.clock = clock
+        self._last_bind: float | None = None
+        self._forward_started: float | None = None
+        # n_plain, n_tree, n_trees, forward seconds, step seconds of the last step.
+        self._step: tuple[int, int, int, float, float | None] | None = None
+        self._drafted = 0  # draft tokens of the coming forward
+        self._drafted_trees = 0  # requests with a draft in it
+        self._excluded = 0.0
+        self.step_seconds = 0.0  # total modelled step time (forward + overhead)
+
+    def forward_started(self) -> None:
+        self._forward_started = self.clock()
+
+    def batch_bound(self, scheduled_tokens: int) -> None:
+        now = self.clock()
+        if self._forward_started is not None:
+            n_tree = min(self._drafted, scheduled_tokens)
+            step = None if self._last_bind is None else now - self._last_bind - self._excluded
+            self._step = (scheduled_tokens - n_tree, n_tree, self._drafted_trees,
+                          now - self._forward_started, step)
+        self._last_bind, self._forward_started = now, None
+        self._excluded = 0.0
+
+    def observe(self, produced: int) -> None:
+        if self._step is not None:
+            n_plain, n_tree, n_trees, forward, step = self._step
+            self._step = None
+            self.cost.observe(n_plain, n_tree, n_trees, forward, step, produced)
+            self.step_seconds += forward + self.cost.overhead_seconds
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
+
+    def drafted(self, tokens: int, trees: int) -> None:
+        self._drafted, self._drafted_trees = tokens, trees
+
+
+# Draft forwards left out of the draft cost fit (first allocations).
+WARMUP_DRAFT_FORWARDS = 2
+
+
+class DraftCostModel:
+    """Online fit of a draft model's forward time, ``e + f * tokens``
+    (exponentially weighted least squares, ``e, f >= 0``)."""
+
+    def __init__(self) -> None:
+        self._xtx = np.zeros((2, 2))
+        self._xty = np.zeros(2)
+        self._coef = np.zeros(2)
+        self._seen = 0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._seen += 1
+        if self._seen <= WARMUP_DRAFT_FORWARDS:
+            return
+        x = np.array([1.0, float(tokens)])
+        self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
+        self._xty = TIME_DECAY * self._xty + x * seconds
+        ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
+        coef = nonnegative_least_squares(self._xtx + ridge * np.eye(2), self._xty)
+        self._coef = np.maximum(coef, 0.0)
+
+    @property
+    def known(self) -> bool:
+        return self._seen > WARMUP_DRAFT_FORWARDS
+
+    def forget(self) -> None:
+        """Drop the fit (the next forward is measured afresh): a cost
+        measured under another load must not keep drafts out forever."""
+        self._xtx[:], self._xty[:], self._coef[:] = 0.0, 0.0, 0.0
+        self._seen = min(self._seen, WARMUP_DRAFT_FORWARDS)
+
+    def predict(self, tokens: int) -> float:
+        """Seconds of a draft forward over ``tokens`` tokens (0 until
+        measured)."""
+        return float(self._coef @ np.array([1.0, float(tokens)]))
+
+
+# Draft-probability buckets of ``ScoreCalibration`` (upper edges).
+SCORE_EDGES = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                        0.95, 0.98, 1.0])
+
+
+class ScoreCalibration(NodeValues):
+    """Acceptance of a draft node as a function of its probability under the
+    draft (its path's probability): decayed counts per probability bucket,
+    with the bucket's own probability as the prior (worth one
+    verification), so an uncalibrated draft is taken at its word and the
+    counts correct it (a draft is usually overconfident where the target
+    disagrees)."""
+
+    def __init__(self) -> None:
+        super().__init__(len(SCORE_EDGES))
+        lower = np.concatenate([[0.0], SCORE_EDGES[:-1]])
+        self.prior = (lower + SCORE_EDGES) / 2
+
+    @staticmethod
+    def classes(scores: np.ndarray) -> np.ndarray:
+        return np.minimum(np.searchsorted(SCORE_EDGES, np.asarray(scores, dtype=np.float64)),
+                          len(SCORE_EDGES) - 1)
+
+    def rate(self) -> np.ndarray:
+        return (self.accepted + self.prior) / (self.offered + 1.0)
+
+    def of(self, scores: np.ndarray) -> np.ndarray:
+        """Estimated acceptance probability of nodes with these scores."""
+        return self.estimate()[self.classes(scores)]

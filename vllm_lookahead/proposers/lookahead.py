@@ -31,7 +31,7 @@ import torch
 
 from vllm_lookahead import ops, vllm as vllm_patches
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel
+from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel, StepTimer
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.proposers.recycle import SuccessorTable, tree_template
@@ -109,15 +109,9 @@ class LookaheadProposer:
         # Chains (linear mode, and batches the runtime cannot verify): a
         # class per depth.
         self.chain_values = NodeValues(self.k)
-        self._last_bind: float | None = None
-        self._forward_started: float | None = None
-        # n_plain, n_tree, n_trees, forward seconds, step seconds of the last step.
-        self._step: tuple[int, int, int, float, float | None] | None = None
-        self._drafted = 0  # draft tokens of the last step
-        self._drafted_trees = 0  # requests with a tree in the last step
+        self.timer = StepTimer(self.cost)
         self._threshold = 0.0  # acceptance bar of the last drafting step
         self._proposer_seconds = 0.0
-        self._step_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
         self._stats = np.zeros(5, dtype=np.int64)
         self._steps = 0
@@ -135,13 +129,7 @@ class LookaheadProposer:
         """The coming ``draft`` call's rows. Pools of requests that left the
         batch (finished, aborted, preempted or unscheduled) are freed here
         and rebuilt from the token history if the request comes back."""
-        now = time.perf_counter()
-        if self._forward_started is not None:
-            n_tree = min(self._drafted, batch.scheduled_tokens)
-            self._step = (batch.scheduled_tokens - n_tree, n_tree, self._drafted_trees,
-                          now - self._forward_started,
-                          None if self._last_bind is None else now - self._last_bind)
-        self._last_bind, self._forward_started = now, None
+        self.timer.batch_bound(batch.scheduled_tokens)
         req_ids = batch.req_ids
         self._batch_req_ids = req_ids
         self._batch_trees = batch.trees_verified and self.config.mode == "tree"
@@ -156,7 +144,7 @@ class LookaheadProposer:
 
     def step_started(self) -> None:
         """Called by the model runner as a forward starts (budget timing)."""
-        self._forward_started = time.perf_counter()
+        self.timer.forward_started()
 
     def _override(self, req_id: str, extra_args: dict[str, Any] | None) -> dict[str, Any]:
         """The request's valid ``extra_args["lookahead"]`` settings. A bad
@@ -263,16 +251,11 @@ class LookaheadProposer:
                 "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
         started = time.perf_counter()
-        if self._step is not None:
-            n_plain, n_tree, n_trees, forward, step = self._step
-            self._step = None
-            self.cost.observe(n_plain, n_tree, n_trees, forward, step,
-                              sum(len(sampled) for sampled in inputs.sampled_token_ids))
-            self._step_seconds += forward + self.cost.overhead_seconds
+        self.timer.observe(sum(len(sampled) for sampled in inputs.sampled_token_ids))
         drafts = self._propose(req_ids, inputs.sampled_token_ids, inputs.num_tokens,
                                inputs.token_ids)
-        self._drafted = sum(len(d) for d in drafts.tokens)
-        self._drafted_trees = sum(1 for d in drafts.tokens if d)
+        self.timer.drafted(sum(len(d) for d in drafts.tokens),
+                           sum(1 for d in drafts.tokens if d))
         self._proposer_seconds += time.perf_counter() - started
         self._steps += 1
         if self._steps % STATS_EVERY_STEPS == 0:
@@ -537,4 +520,4 @@ class LookaheadProposer:
             1e3 * self.cost.tree_step_seconds,
             1e3 * self.cost.overhead_seconds,
             self.cost.tokens_per_second, self._threshold,
-            100 * self._proposer_seconds / max(self._step_seconds, 1e-9))
+            100 * self._proposer_seconds / max(self.timer.step_seconds, 1e-9))

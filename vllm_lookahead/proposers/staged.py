@@ -19,6 +19,16 @@ itself sped up by a second, almost free stage.
   chain by several tokens. The chain is exactly the draft's greedy chain with
   or without stage 2; only the number of draft forwards changes.
 
+Measured budget (``budget: "measured"``, the default): the target's step
+time and the draft's forward time are fitted online (``budget.py``), and a
+draft node's acceptance is estimated from its draft probability, calibrated
+on the verified steps. A step drafts only if the first draft round can pay
+for itself; each further round runs for the requests whose chain may still
+be accepted often enough to pay for a node, and only while their nodes are
+worth more than the round costs; a node is verified only where its
+estimated acceptance beats the tokens the engine would produce in the time
+it costs. So a loaded engine drafts short chains, or none.
+
 Drafts are deterministic (the draft's top tokens), so the tree runtime's
 sample-and-match verification is lossless for sampled requests without the
 draft's probabilities; batches the runtime cannot verify get the chain
@@ -34,12 +44,16 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
 from vllm_lookahead.config import StagedConfig
+from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, REPROBE_STEPS, DraftCostModel,
+                                             ScoreCalibration, StepCostModel, StepTimer)
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftForward, DraftInputs, Drafts,
                                           Predictions, Verification)
@@ -98,7 +112,8 @@ class StagedDrafter:
     ``tree.protocol.TreeDrafter``."""
 
     def __init__(self, config: StagedConfig, num_speculative_tokens: int,
-                 max_model_len: int, max_num_seqs: int, vocab_size: int):
+                 max_model_len: int, max_num_seqs: int, vocab_size: int,
+                 clock: Callable[[], float] = time.perf_counter):
         self.config = config
         self.k = num_speculative_tokens
         self.depth = min(config.depth or self.k, self.k)
@@ -119,9 +134,21 @@ class StagedDrafter:
         self._indexed: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
         self._batch_trees = False
+        # Measured budget: the target's step time, the draft's forward time,
+        # acceptance by draft probability; each request's last draft
+        # (tokens, parents, node scores) to calibrate it.
+        self.measured = config.budget == "measured"
+        self.clock = clock
+        self.cost = StepCostModel()
+        self.timer = StepTimer(self.cost, clock)
+        self.draft_cost = DraftCostModel()
+        self.calibration = ScoreCalibration()
+        self._last: dict[str, tuple[list[int], list[int], np.ndarray]] = {}
+        self._bar = 0.0  # acceptance bar of the last step
+        self._since_forward = 0  # steps with decoding rows but no draft forward
         # steps, drafting requests, draft forwards, chain tokens, nodes,
-        # chain tokens found by stage-2 guesses
-        self.counters = np.zeros(6, dtype=np.int64)
+        # chain tokens found by stage-2 guesses, steps with a draft
+        self.counters = np.zeros(7, dtype=np.int64)
 
     # ------------------------------------------------------------------
     # Batch bookkeeping.
@@ -130,6 +157,7 @@ class StagedDrafter:
         """Row -> request map of the coming ``draft``, and whether the tree
         runtime verifies this batch. State of requests that left the batch is
         dropped; one that comes back is re-read from its first token."""
+        self.timer.batch_bound(batch.scheduled_tokens)
         self._batch_req_ids = list(batch.req_ids)
         self._batch_trees = batch.trees_verified and self.config.tree
         self._disabled = {r for r, extra in zip(batch.req_ids, batch.extra_args)
@@ -167,6 +195,7 @@ class StagedDrafter:
     def _drop(self, req_id: str) -> None:
         self._valid.pop(req_id, None)
         self._fed.pop(req_id, None)
+        self._last.pop(req_id, None)
         if self._indexed.pop(req_id, None) is not None:
             self.pool.erase(req_id)
 
@@ -222,7 +251,8 @@ class StagedDrafter:
     # Drafting.
 
     def step_started(self) -> None:
-        """No step timing (yet)."""
+        """A target forward starts (budget timing)."""
+        self.timer.forward_started()
 
     # The target's top-k per logits row is not used.
     prediction_ranks = 0
@@ -249,30 +279,142 @@ class StagedDrafter:
                 "staged drafter called without the batch's request ids; the "
                 "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
+        self.timer.observe(sum(len(s) for s in sampled_token_ids))
+        self._calibrate(req_ids, sampled_token_ids)
         drafts = Drafts.empty(len(sampled_token_ids))
+        decoding = sum(1 for s in sampled_token_ids if s)
         # Rows out of prefill, below max_model_len, with a KV slot for their
         # last token.
         rows = [r for r, s in enumerate(sampled_token_ids)
                 if s and num_tokens[r] < self.max_model_len
                 and capacity[r] >= num_tokens[r] and req_ids[r] not in self._disabled]
+        if rows:
+            self.counters[0] += 1
+            if self.counters[0] % STATS_EVERY_STEPS == 0:
+                self._log_stats()
+        self._bar = self.cost.threshold(decoding) if self.measured else 0.0
+        if self.measured:
+            rows = self._first_round_pays(rows, decoding)
+            self._since_forward = 0 if rows else self._since_forward + bool(decoding)
+            if self._since_forward >= REPROBE_STEPS:
+                self.draft_cost.forget()
+                self._since_forward = 0
         if not rows:
+            self.timer.drafted(0, 0)
             return drafts
-        chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward)
-        for chain in chains:
-            tokens, parents = self._layout(chain)
-            drafts.tokens[chain.row] = tokens
+        chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity,
+                              self._timed(forward), decoding)
+        layouts = [self._layout(chain) for chain in chains]
+        for i in self._paying(layouts, decoding):
+            tokens, parents, scores = layouts[i]
+            row = chains[i].row
+            drafts.tokens[row] = tokens
             if self._batch_trees and parents != list(range(-1, len(tokens) - 1)):
-                drafts.parents[chain.row] = parents
+                drafts.parents[row] = parents
+            self._last[req_ids[row]] = (tokens, parents, scores)
             self.counters[4] += len(tokens)
-        self.counters[0] += 1
         self.counters[1] += len(rows)
         self.counters[3] += sum(len(c.tokens) for c in chains)
-        if self.counters[0] % STATS_EVERY_STEPS == 0:
-            self._log_stats()
+        drafted = [t for t in drafts.tokens if t]
+        self.counters[6] += bool(drafted)
+        self.timer.drafted(sum(map(len, drafted)), len(drafted))
         return drafts
 
+    # ------------------------------------------------------------------
+    # Measured budget.
+
+    def _calibrate(self, req_ids: list[str], sampled_token_ids: list[list[int]]) -> None:
+        """Count each request's last draft nodes and the accepted ones (the
+        path of the tokens the step accepted, read from vLLM's sampled
+        tokens: the accepted draft tokens and one more) by draft
+        probability. Called every step, so counts of probabilities no
+        longer drafted fade and are tried again."""
+        offered, accepted = [], []
+        for req_id, sampled in zip(req_ids, sampled_token_ids):
+            last = self._last.pop(req_id, None)
+            if last is None or not sampled:
+                continue
+            tokens, parents, scores = last
+            node, path = -1, []
+            for token in sampled[:-1]:
+                node = next((i for i in range(node + 1, len(tokens))
+                             if parents[i] == node and tokens[i] == token), None)
+                if node is None:
+                    break
+                path.append(node)
+            offered.append(scores)
+            accepted.append(scores[path])
+        if offered or self.measured:
+            classes = ScoreCalibration.classes
+            self.calibration.update(
+                classes(np.concatenate(offered)) if offered else np.zeros(0, np.int64),
+                classes(np.concatenate(accepted)) if accepted else np.zeros(0, np.int64))
+
+    def _round_cost(self, tokens: int, decoding: int) -> float:
+        """A draft forward over ``tokens`` tokens, in tokens the engine
+        would produce meanwhile."""
+        return self.draft_cost.predict(tokens) * self.cost.decode_rate(decoding)
+
+    def _first_round_pays(self, rows: list[int], decoding: int) -> list[int]:
+        """Rows that draft this step: none until the target's step time is
+        fitted, or where even a first node accepted as often as the draft's
+        likeliest nodes ever are would not pay for its share of the first
+        draft forward and of the step's and the request's tree costs; at
+        most ``PROBE_DRAFTS`` until the target and the draft measured what
+        drafts cost (again every ``REPROBE_STEPS`` steps without a draft)."""
+        if not rows or not self.cost.ready:
+            return []
+        gain = (float(self.calibration.of(np.ones(1))[0]) - self._bar
+                - self.cost.tree_cost_tokens(decoding))
+        if not self.cost.draft_costs_known or not self.draft_cost.known:
+            rows = rows[:PROBE_DRAFTS]
+        cost = self._round_cost(2 * len(rows), decoding) + self.cost.fixed_cost_tokens(decoding)
+        return rows if gain > 0 and len(rows) * gain > cost else []
+
+    def _next_round(self, chains: list[_Chain], active: list[int], tokens: np.ndarray,
+                    decoding: int) -> list[int]:
+        """The chains worth another draft forward (``tokens[j]`` its tokens
+        for ``active[j]``): those whose next node may still pay for itself
+        (its draft probability is at most the chain's), if together they
+        pay for the forward."""
+        value = self.calibration.of(np.array([chains[i].path_prob for i in active])) - self._bar
+        keep = value > 0
+        cost = self._round_cost(int(tokens[keep].sum()), decoding)
+        return [i for i, k in zip(active, keep) if k] if value[keep].sum() > cost else []
+
+    def _paying(self, layouts, decoding: int) -> list[int]:
+        """Drafts the target verifies: each one's expected net gain (its
+        nodes' estimated acceptance minus the bar) must beat the cost of
+        one request's tree, and all of them together that of a drafting
+        step (measured budget; every non-empty draft with the static one)."""
+        drafting = [i for i, (tokens, _, _) in enumerate(layouts) if tokens]
+        if not self.measured or not drafting:
+            return drafting
+        gain = np.array([(self.calibration.of(layouts[i][2]) - self._bar).sum()
+                         for i in drafting]) - self.cost.tree_cost_tokens(decoding)
+        kept = [i for i, g in zip(drafting, gain) if g > 0]
+        if gain[gain > 0].sum() <= self.cost.fixed_cost_tokens(decoding):
+            return []
+        return kept
+
+    def _timed(self, forward: DraftForward) -> DraftForward:
+        """``forward``, its time fitted (``draft_cost``) and taken out of the
+        engine's host overhead."""
+
+        def timed(rows, starts, tokens, num_logits):
+            started = self.clock()
+            logits = forward(rows, starts, tokens, num_logits)
+            if logits.is_cuda:
+                torch.cuda.synchronize(logits.device)
+            seconds = self.clock() - started
+            self.draft_cost.observe(sum(len(t) for t in tokens), seconds)
+            self.timer.exclude(seconds)
+            return logits
+
+        return timed
+
     def _chains(self, req_ids, rows, num_tokens, token_ids, capacity,
-                forward: DraftForward) -> list[_Chain]:
+                forward: DraftForward, decoding: int) -> list[_Chain]:
         """Each row's greedy draft chain, stage 2 guessing ahead (with each
         depth's likeliest alternatives where the batch's trees are verified)."""
         children = self.children if self._batch_trees else 1
@@ -296,6 +438,7 @@ class StagedDrafter:
         self._catch_up(ids, chains, starts, feed, forward)
         # First chain forward: the tokens the draft has not read, then a guess.
         active = list(range(len(chains)))
+        first = True
         while active:
             batch = [chains[i] for i in active]
             # Chain tokens still to come, and positions with KV slots after
@@ -308,6 +451,16 @@ class StagedDrafter:
                 [ids[i] for i in active],
                 [np.concatenate([histories[i], chains[i].tokens]) for i in active], room)
             inputs = [np.concatenate([feed[i], g]) for i, g in zip(active, guesses)]
+            if self.measured and not first:
+                keep = self._next_round(chains, active, np.array([len(x) for x in inputs]),
+                                        decoding)
+                kept = set(keep)
+                guesses = [g for i, g in zip(active, guesses) if i in kept]
+                inputs = [x for i, x in zip(active, inputs) if i in kept]
+                active, batch = keep, [chains[i] for i in keep]
+                if not active:
+                    break
+            first = False
             num_logits = np.asarray([1 + len(g) for g in guesses])
             logits = forward(np.asarray([c.row for c in batch]), starts[active],
                              inputs, num_logits)
@@ -363,14 +516,19 @@ class StagedDrafter:
         likelier = sum(s > chain.path_prob for s in chain.scores) + len(chain.tokens)
         return children > 1 and likelier >= self.k
 
-    def _layout(self, chain: _Chain) -> tuple[list[int], list[int]]:
-        """The k likeliest nodes of the chain and its alternatives: chain
-        first, then alternatives by depth. Returns tokens and parents."""
+    def _layout(self, chain: _Chain) -> tuple[list[int], list[int], np.ndarray]:
+        """The k likeliest nodes of the chain and its alternatives (with the
+        measured budget, those whose estimated acceptance beats the bar):
+        chain first, then alternatives by depth. Returns tokens, parents
+        and the nodes' draft probabilities (scores)."""
         n = len(chain.tokens)
         budget = min(self.k, self.max_model_len - chain.length)
+        path = np.cumprod([p[0] for p in chain.top_probs]) if n else np.zeros(0)
         if not self._batch_trees or self.children == 1:
-            return chain.tokens[:budget], list(range(-1, min(n, budget) - 1))
-        path = np.cumprod([p[0] for p in chain.top_probs])
+            depth = min(n, budget)
+            if self.measured:
+                depth = int(np.cumprod(self.calibration.of(path[:depth]) > self._bar).sum())
+            return chain.tokens[:depth], list(range(-1, depth - 1)), path[:depth]
         before = np.concatenate([[1.0], path[:-1]])
         # (score, depth, rank): chain nodes are rank 0.
         nodes = [(float(path[d]), d, 0) for d in range(n)]
@@ -379,32 +537,44 @@ class StagedDrafter:
                 nodes.append((float(before[d] * chain.top_probs[d][r]), d, r))
         nodes.sort(key=lambda x: (-x[0], x[1], x[2]))
         kept = nodes[:budget]
+        if self.measured and kept:
+            pays = self.calibration.of(np.array([score for score, _, _ in kept])) > self._bar
+            kept = [node for node, p in zip(kept, pays) if p]
         depth = max([d + 1 for _, d, r in kept if r == 0], default=0)
         # An alternative's parent (the chain node above it) is always
         # likelier, so it is kept; ties could break that, so check.
         alts = sorted((d, r) for _, d, r in kept if r and d <= depth)
         tokens = chain.tokens[:depth] + [int(chain.top_tokens[d][r]) for d, r in alts]
         parents = list(range(-1, depth - 1)) + [d - 1 for d, _ in alts]
-        return tokens, parents
+        scores = np.concatenate([path[:depth], [before[d] * chain.top_probs[d][r]
+                                                for d, r in alts]])
+        return tokens, parents, scores
 
     # ------------------------------------------------------------------
     # Stats.
 
     def stats(self) -> dict[str, float]:
-        steps, drafting, forwards, chain, nodes, guessed = (int(x) for x in self.counters)
+        steps, drafting, forwards, chain, nodes, guessed, drafted = (
+            int(x) for x in self.counters)
         return {
             "steps": steps,
+            "drafting_steps": drafted,
             "draft_forwards": forwards,
             "draft_forwards_per_step": forwards / steps if steps else 0.0,
             "chain_tokens_per_request": chain / drafting if drafting else 0.0,
             "nodes_per_request": nodes / drafting if drafting else 0.0,
+            "acceptance_bar": self._bar,
+            "target_node_ms": 1e3 * self.cost.node_seconds,
+            "draft_forward_ms": 1e3 * self.draft_cost.predict(1),
             "stage2_tokens_per_request": guessed / drafting if drafting else 0.0,
         }
 
     def _log_stats(self) -> None:
         s = self.stats()
         logger.info(
-            "vllm_lookahead staged: %d steps, %.2f draft forwards per step; per drafting "
-            "request %.2f chain tokens (%.2f from stage 2) and %.2f nodes", s["steps"],
-            s["draft_forwards_per_step"], s["chain_tokens_per_request"],
-            s["stage2_tokens_per_request"], s["nodes_per_request"])
+            "vllm_lookahead staged: %d steps (%d drafted), %.2f draft forwards per step; per "
+            "drafting request %.2f chain tokens (%.2f from stage 2) and %.2f nodes; budget: "
+            "acceptance bar %.2f, target node %.2f ms, draft forward %.1f ms", s["steps"],
+            s["drafting_steps"], s["draft_forwards_per_step"], s["chain_tokens_per_request"],
+            s["stage2_tokens_per_request"], s["nodes_per_request"], s["acceptance_bar"],
+            s["target_node_ms"], s["draft_forward_ms"])
