@@ -205,43 +205,49 @@ class TimedToy(ToyDraft):
         return super().__call__(*args)
 
 
-def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001)):
-    """One request through ``steps`` simulated engine steps: each target
-    forward of 1 + n draft tokens takes a + b * (1 + n) seconds and accepts
-    the draft nodes along the target's greedy path (``target``'s). Checks
-    that every draft's chain is the draft model's greedy chain; returns the
-    per-step (draft size, draft forwards) and the tokens produced."""
-    history, new = [3, 5, 7], [7]
-    tokens = np.zeros((1, 4096), dtype=np.int64)
-    pending, parents, log = [], [], []
-    for _ in range(steps):
+def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requests=1):
+    """``requests`` requests through ``steps`` simulated engine steps: each
+    target forward of n tokens takes a + b * n seconds and accepts each
+    request's draft nodes along the target's greedy path (``target``'s).
+    Checks that every draft's chain is the draft model's greedy chain;
+    returns per step the draft nodes and draft forwards (summed over
+    requests) and each request's tokens."""
+    ids = [f"r{i}" for i in range(requests)]
+    histories = [[3 + i, 5, 7] + [(i * j) % VOCAB for j in range(13)] for i in range(requests)]
+    new = [[h[-1]] for h in histories]
+    tokens = np.zeros((requests, 4096), dtype=np.int64)
+    pending = [([], []) for _ in ids]
+    log = []
+    for step in range(steps):
         d.step_started()
-        clock.t += step_seconds[0] + step_seconds[1] * (1 + len(pending))
-        if pending:  # the target verifies the last draft
-            node, new = -1, []
-            while True:
-                truth = target.greedy(history + new, 1)[0]
-                node = next((i for i in range(node + 1, len(pending))
-                             if parents[i] == node and pending[i] == truth), None)
-                new.append(truth)
+        # The first step is the prompts' prefill (the fit then tells a
+        # step's fixed cost from a token's).
+        scheduled = (sum(map(len, histories)) if step == 0
+                     else sum(1 + len(p) for p, _ in pending))
+        clock.t += step_seconds[0] + step_seconds[1] * scheduled
+        for i, (draft, parents) in enumerate(pending):
+            node, new[i] = -1, []
+            while True:  # the target verifies the last draft (or none)
+                truth = target.greedy(histories[i] + new[i], 1)[0]
+                node = next((j for j in range(node + 1, len(draft))
+                             if parents[j] == node and draft[j] == truth), None)
+                new[i].append(truth)
                 if node is None:
                     break
-        history += new if pending else []
-        tokens[0, :len(history)] = history
-        d.bind_batch(batch_info(["r"], trees_verified=trees,
-                                scheduled_tokens=1 + len(pending)))
+            histories[i] += new[i] if step else []
+            tokens[i, :len(histories[i])] = histories[i]
+        d.bind_batch(batch_info(ids, trees_verified=trees, scheduled_tokens=scheduled))
         forwards = model.forwards
-        drafts = d.draft(DraftInputs([new], np.array([len(history)]), tokens,
-                                     DraftModel(np.array([4096]), model)))
-        pending = drafts.tokens[0]
-        parents = drafts.parents[0] or list(range(-1, len(pending) - 1))
-        chain = chain_of(pending, parents)
-        assert chain == model.greedy(history, len(chain))
-        log.append((len(pending), model.forwards - forwards))
-        if not pending:  # a plain step: the target's next token
-            new = target.greedy(history, 1)
-            history += new
-    return np.array(log), len(history)
+        drafts = d.draft(DraftInputs(new, np.array([len(h) for h in histories]), tokens,
+                                     DraftModel(np.full(requests, 4096), model)))
+        for i in range(requests):
+            draft = drafts.tokens[i]
+            parents = drafts.parents[i] or list(range(-1, len(draft) - 1))
+            chain = chain_of(draft, parents)
+            assert chain == model.greedy(histories[i], len(chain))
+            pending[i] = (draft, parents)
+        log.append((sum(len(t) for t in drafts.tokens), model.forwards - forwards))
+    return np.array(log), histories
 
 
 @pytest.mark.parametrize("trees", [False, True])
@@ -287,3 +293,21 @@ def test_budget_config():
     assert StagedConfig().budget == "measured"
     with pytest.raises(LookaheadConfigError, match="budget"):
         StagedConfig(budget="fixed")
+
+
+def test_measured_budget_drafts_for_a_loaded_batch():
+    """Eight requests whose draft forward (0.25 s) costs half a target step
+    (0.5 s): no single request's chain pays for it, all of them together
+    do (a perfect draft: 6 tokens per request for 6 forwards and a few
+    more target tokens), so the budget must not learn only from a few
+    probing requests (it once probed with 2, never paid, never drafted)."""
+    clock = Clock()
+    model = TimedToy(clock, 0.25, seed=0, sharpness=8.0)
+    d = drafter(k=6, clock=clock, budget="measured", tree=False, stage2=False)
+    log, histories = serve(d, model, ToyDraft(seed=0, sharpness=8.0), clock, 40, False,
+                           step_seconds=(0.45, 0.005), requests=8)
+    late = log[15:]
+    assert late[:, 0].mean() >= 8 * 3, late
+    # And more tokens per second than plain steps (0.49 s for 8 tokens).
+    produced = sum(len(h) - 16 for h in histories)
+    assert produced / clock.t > 1.2 * 8 / 0.49

@@ -121,14 +121,23 @@ def test_copy_draft_is_exact_and_accepts_its_chains(smollm2, spec_bench_prompts,
         assert stats["draft_forwards_per_step"] < K
 
 
+@pytest.mark.parametrize("budget", ["static", "measured"])
 def test_random_draft_is_exact(smollm2, random_draft, spec_bench_prompts, reference,
-                               monkeypatch):
+                               budget, monkeypatch):
+    """Exact either way; the static budget verifies K nodes per drafting
+    request, the measured one learns that this draft's nodes are never
+    accepted and verifies next to none of them."""
     outputs, metrics, stats, penalised = _run(smollm2, random_draft, spec_bench_prompts,
-                                              {"budget": "static"}, monkeypatch)
+                                              {"budget": budget}, monkeypatch)
     print(metrics, stats)
     assert outputs == reference[0]
     assert penalised == reference[1]
-    assert metrics["vllm:spec_decode_num_drafts"] > 0
+    if budget == "static":
+        assert metrics["vllm:spec_decode_num_drafts"] > 0
+        assert stats["nodes_per_request"] > K - 1
+    else:
+        assert stats["steps"] > 50
+        assert stats["nodes_per_request"] < 1.0
 
 
 def test_staged_needs_the_draft_model_method(smollm2):

@@ -242,13 +242,13 @@ def test_lookahead_sampling_matches_plain_sampling(tiny_llama, plain_samples, re
 
 @pytest.mark.slow
 def test_staged_sampling_matches_plain_sampling(tiny_llama, plain_samples):
-    """Staged trees (the tiny model drafting for itself) keep the target's
-    sampling distribution."""
+    """Staged trees (the tiny model drafting for itself, every step: the
+    static budget) keep the target's sampling distribution."""
     from vllm import SamplingParams
 
     from benchmarks.common import make_llm, staged_method
 
-    llm = make_llm(tiny_llama, staged_method(tiny_llama, k=8), **ENGINE)
+    llm = make_llm(tiny_llama, staged_method(tiny_llama, k=8, budget="static"), **ENGINE)
     ours = np.array(_sample_tokens(llm, SamplingParams(max_tokens=4, **PARAMS)))
     accepted = accepted_tokens(llm)
     del llm

@@ -186,6 +186,13 @@ class StepCostModel:
         return self._steps >= MIN_STEPS
 
     @property
+    def coefficients(self) -> dict[str, float]:
+        """The fit, in seconds: a, c (tree step), d (per tree), b_plain,
+        b_tree, and the median host overhead."""
+        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree"), map(float, self._coef))),
+                "overhead": self._overhead}
+
+    @property
     def draft_costs_known(self) -> bool:
         """Whether steps with drafts have measured what drafts cost."""
         return self._tree_costs is not None
@@ -323,8 +330,9 @@ class StepTimer:
         self._drafted, self._drafted_trees = tokens, trees
 
 
-# Draft forwards left out of the draft cost fit (first allocations).
-WARMUP_DRAFT_FORWARDS = 2
+# Chain forwards left out of the draft cost fit (first allocations; the
+# catch-up forwards over long unread spans are never in it).
+WARMUP_DRAFT_FORWARDS = 1
 
 
 class DraftCostModel:
@@ -344,9 +352,12 @@ class DraftCostModel:
         x = np.array([1.0, float(tokens)])
         self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
         self._xty = TIME_DECAY * self._xty + x * seconds
-        ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
-        coef = nonnegative_least_squares(self._xtx + ridge * np.eye(2), self._xty)
-        self._coef = np.maximum(coef, 0.0)
+        # A ridge on the per-token cost only: until token counts vary, a
+        # forward's time is its fixed cost (with a ridge on both, one
+        # forward of 2 tokens read as 0.1 s per token, which priced a batch's
+        # round at eight times its cost).
+        ridge = np.diag([1e-9, 1e-3 * self._xtx[0, 0]])
+        self._coef = np.maximum(nonnegative_least_squares(self._xtx + ridge, self._xty), 0.0)
 
     @property
     def known(self) -> bool:
@@ -357,6 +368,11 @@ class DraftCostModel:
         measured under another load must not keep drafts out forever."""
         self._xtx[:], self._xty[:], self._coef[:] = 0.0, 0.0, 0.0
         self._seen = min(self._seen, WARMUP_DRAFT_FORWARDS)
+
+    @property
+    def coefficients(self) -> tuple[float, float]:
+        """e, f (seconds, seconds per token)."""
+        return float(self._coef[0]), float(self._coef[1])
 
     def predict(self, tokens: int) -> float:
         """Seconds of a draft forward over ``tokens`` tokens (0 until

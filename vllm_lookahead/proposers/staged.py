@@ -52,8 +52,9 @@ import numpy as np
 import torch
 
 from vllm_lookahead.config import StagedConfig
-from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, REPROBE_STEPS, DraftCostModel,
-                                             ScoreCalibration, StepCostModel, StepTimer)
+from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, REPROBE_STEPS, SCORE_EDGES,
+                                             DraftCostModel, ScoreCalibration, StepCostModel,
+                                             StepTimer)
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftForward, DraftInputs, Drafts,
                                           Predictions, Verification)
@@ -149,6 +150,8 @@ class StagedDrafter:
         # steps, drafting requests, draft forwards, chain tokens, nodes,
         # chain tokens found by stage-2 guesses, steps with a draft
         self.counters = np.zeros(7, dtype=np.int64)
+        # Seconds in draft forwards, and in the whole of ``draft``.
+        self.seconds = np.zeros(2)
 
     # ------------------------------------------------------------------
     # Batch bookkeeping.
@@ -279,6 +282,15 @@ class StagedDrafter:
                 "staged drafter called without the batch's request ids; the "
                 "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
+        started = self.clock()
+        try:
+            return self._draft(req_ids, sampled_token_ids, num_tokens, token_ids, capacity,
+                               forward)
+        finally:
+            self.seconds[1] += self.clock() - started
+
+    def _draft(self, req_ids, sampled_token_ids, num_tokens, token_ids, capacity,
+               forward: DraftForward) -> Drafts:
         self.timer.observe(sum(len(s) for s in sampled_token_ids))
         self._calibrate(req_ids, sampled_token_ids)
         drafts = Drafts.empty(len(sampled_token_ids))
@@ -302,8 +314,8 @@ class StagedDrafter:
         if not rows:
             self.timer.drafted(0, 0)
             return drafts
-        chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity,
-                              self._timed(forward), decoding)
+        chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward,
+                              decoding)
         layouts = [self._layout(chain) for chain in chains]
         for i in self._paying(layouts, decoding):
             tokens, parents, scores = layouts[i]
@@ -360,13 +372,17 @@ class StagedDrafter:
         fitted, or where even a first node accepted as often as the draft's
         likeliest nodes ever are would not pay for its share of the first
         draft forward and of the step's and the request's tree costs; at
-        most ``PROBE_DRAFTS`` until the target and the draft measured what
-        drafts cost (again every ``REPROBE_STEPS`` steps without a draft)."""
+        most ``PROBE_DRAFTS`` until the draft's forward is timed (again
+        every ``REPROBE_STEPS`` steps without a draft). Not so until the
+        target has timed tree steps: its nodes are priced as plain tokens
+        meanwhile (as the lookahead budget does), and a few rows could not
+        pay for the draft forward they share, so the budget would never
+        learn what trees cost under load."""
         if not rows or not self.cost.ready:
             return []
         gain = (float(self.calibration.of(np.ones(1))[0]) - self._bar
                 - self.cost.tree_cost_tokens(decoding))
-        if not self.cost.draft_costs_known or not self.draft_cost.known:
+        if not self.draft_cost.known:
             rows = rows[:PROBE_DRAFTS]
         cost = self._round_cost(2 * len(rows), decoding) + self.cost.fixed_cost_tokens(decoding)
         return rows if gain > 0 and len(rows) * gain > cost else []
@@ -397,9 +413,9 @@ class StagedDrafter:
             return []
         return kept
 
-    def _timed(self, forward: DraftForward) -> DraftForward:
-        """``forward``, its time fitted (``draft_cost``) and taken out of the
-        engine's host overhead."""
+    def _timed(self, forward: DraftForward, fit: bool) -> DraftForward:
+        """``forward``, its time taken out of the engine's host overhead and
+        (``fit``) fitted by ``draft_cost``."""
 
         def timed(rows, starts, tokens, num_logits):
             started = self.clock()
@@ -407,7 +423,9 @@ class StagedDrafter:
             if logits.is_cuda:
                 torch.cuda.synchronize(logits.device)
             seconds = self.clock() - started
-            self.draft_cost.observe(sum(len(t) for t in tokens), seconds)
+            self.seconds[0] += seconds
+            if fit:
+                self.draft_cost.observe(sum(len(t) for t in tokens), seconds)
             self.timer.exclude(seconds)
             return logits
 
@@ -435,7 +453,8 @@ class StagedDrafter:
             for i, h in zip(ids, histories):
                 self._indexed[i] = len(h)
         feed = [h[s:] for h, s in zip(histories, starts)]
-        self._catch_up(ids, chains, starts, feed, forward)
+        self._catch_up(ids, chains, starts, feed, self._timed(forward, fit=False))
+        forward = self._timed(forward, fit=True)
         # First chain forward: the tokens the draft has not read, then a guess.
         active = list(range(len(chains)))
         first = True
@@ -566,6 +585,12 @@ class StagedDrafter:
             "acceptance_bar": self._bar,
             "target_node_ms": 1e3 * self.cost.node_seconds,
             "draft_forward_ms": 1e3 * self.draft_cost.predict(1),
+            "target_fit": self.cost.coefficients,
+            "draft_fit": self.draft_cost.coefficients,
+            "acceptance_by_probability": dict(zip(SCORE_EDGES.tolist(),
+                                                  self.calibration.rate().tolist())),
+            "draft_forward_seconds": float(self.seconds[0]),
+            "drafter_seconds": float(self.seconds[1]),
             "stage2_tokens_per_request": guessed / drafting if drafting else 0.0,
         }
 
