@@ -323,7 +323,8 @@ class StagedDrafter:
             drafts.tokens[row] = tokens
             if self._batch_trees and parents != list(range(-1, len(tokens) - 1)):
                 drafts.parents[row] = parents
-            self._last[req_ids[row]] = (tokens, parents, scores)
+            if self.measured:
+                self._last[req_ids[row]] = (tokens, parents, scores)
             self.counters[4] += len(tokens)
         self.counters[1] += len(rows)
         self.counters[3] += sum(len(c.tokens) for c in chains)
@@ -341,6 +342,8 @@ class StagedDrafter:
         tokens: the accepted draft tokens and one more) by draft
         probability. Called every step, so counts of probabilities no
         longer drafted fade and are tried again."""
+        if not self.measured:
+            return
         offered, accepted = [], []
         for req_id, sampled in zip(req_ids, sampled_token_ids):
             last = self._last.pop(req_id, None)
@@ -356,11 +359,10 @@ class StagedDrafter:
                 path.append(node)
             offered.append(scores)
             accepted.append(scores[path])
-        if offered or self.measured:
-            classes = ScoreCalibration.classes
-            self.calibration.update(
-                classes(np.concatenate(offered)) if offered else np.zeros(0, np.int64),
-                classes(np.concatenate(accepted)) if accepted else np.zeros(0, np.int64))
+        classes = ScoreCalibration.classes
+        self.calibration.update(
+            classes(np.concatenate(offered)) if offered else np.zeros(0, np.int64),
+            classes(np.concatenate(accepted)) if accepted else np.zeros(0, np.int64))
 
     def _round_cost(self, tokens: int, decoding: int) -> float:
         """A draft forward over ``tokens`` tokens, in tokens the engine
@@ -371,13 +373,13 @@ class StagedDrafter:
         """Rows that draft this step: none until the target's step time is
         fitted, or where even a first node accepted as often as the draft's
         likeliest nodes ever are would not pay for its share of the first
-        draft forward and of the step's and the request's tree costs; at
-        most ``PROBE_DRAFTS`` until the draft's forward is timed (again
-        every ``REPROBE_STEPS`` steps without a draft). Not so until the
-        target has timed tree steps: its nodes are priced as plain tokens
-        meanwhile (as the lookahead budget does), and a few rows could not
-        pay for the draft forward they share, so the budget would never
-        learn what trees cost under load."""
+        draft forward and of the step's and the request's tree costs. At
+        most ``PROBE_DRAFTS`` rows until the draft's forward is timed (again
+        every ``REPROBE_STEPS`` steps without a draft), but all of them
+        while the target has not yet timed tree steps (its nodes are priced
+        as plain tokens meanwhile): a few rows cannot pay for the draft
+        forward they share, so under load the budget would never learn what
+        trees cost."""
         if not rows or not self.cost.ready:
             return []
         gain = (float(self.calibration.of(np.ones(1))[0]) - self._bar
