@@ -286,9 +286,10 @@ class StepTimer:
     ``forward_started`` as a forward starts, ``batch_bound`` after it (the
     forward's time, and the step's since the last one), ``drafted`` with
     what the drafts of the coming forward hold, ``observe`` on the next
-    drafting call with the tokens the step produced. ``excluded`` seconds
-    (a draft model's forwards, which run between the target's) are taken
-    out of the step time so the host overhead stays the engine's own."""
+    drafting call with the tokens the step produced. Seconds passed to
+    ``exclude`` (a draft model's forwards, which run between the target's)
+    are taken out of the step time so the host overhead stays the engine's
+    own."""
 
     def __init__(self, cost: StepCostModel,
                  clock: Callable[[], float] = time.perf_counter) -> None:

@@ -386,6 +386,10 @@ class StagedDrafter:
                 - self.cost.tree_cost_tokens(decoding))
         if not self.draft_cost.known:
             rows = rows[:PROBE_DRAFTS]
+        # A usual round's tokens (each row's last token and a short guess),
+        # not the unread span a row that paused drafting must catch up on:
+        # that is paid whenever it drafts again, and counting it would keep
+        # a paused row paused.
         cost = self._round_cost(2 * len(rows), decoding) + self.cost.fixed_cost_tokens(decoding)
         return rows if gain > 0 and len(rows) * gain > cost else []
 
