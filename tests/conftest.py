@@ -16,7 +16,7 @@ def fit_costs(cost, threshold: float, step_tokens: float = 0.0, draft_tokens: fl
     from vllm_lookahead.proposers.budget import TREE_COSTS
 
     cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
-    cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100])
+    cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100, 0.0])
     cost._tree_costs = cost._coef[TREE_COSTS]  # measured: no probing
     return cost
 
@@ -75,10 +75,11 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(path)
 
 
-def batch_info(req_ids, trees_verified=False, scheduled_tokens=0):
+def batch_info(req_ids, trees_verified=False, scheduled_tokens=0, prompt_lens=None,
+               max_tokens=None):
     """A ``BatchInfo`` of greedy requests without extra args."""
     from vllm_lookahead.tree.protocol import BatchInfo
 
     n = len(req_ids)
-    return BatchInfo(list(req_ids), [True] * n, trees_verified, [0] * n, [None] * n,
-                     scheduled_tokens)
+    return BatchInfo(list(req_ids), [True] * n, trees_verified, prompt_lens or [0] * n,
+                     [None] * n, scheduled_tokens, max_tokens)

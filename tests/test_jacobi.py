@@ -220,6 +220,32 @@ def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
     assert cost.threshold(8) == pytest.approx(0.005 * cost.decode_rate(8), rel=1e-3)
 
 
+def test_step_cost_fit_prices_prompt_tokens_apart():
+    """Prompt chunks cost 20 ms a token, a decode step 0.3 s + 10 ms a
+    request: the plain decode step of 8 requests is what decode steps say,
+    not what a line through the prompt chunks says (fitted together, the
+    prompts made it 50% slower, and drafts looked cheap). Before any decode
+    batch but one size is seen, an unseen size costs its fixed part (fast,
+    not slow), and a node is priced as the dearer of the two tokens."""
+    alone = StepCostModel()
+    for _ in range(6):
+        alone.observe(1, 0, 0, 0.31, None, produced=1)
+    assert alone.predict(8, 0, 0) == pytest.approx(0.31, rel=0.05)
+    cost = StepCostModel()
+    cost.observe(0, 0, 0, 0.3 + 0.02 * 1100, None, produced=1, n_prefill=1100)
+    for _ in range(6):
+        cost.observe(1, 0, 0, 0.31, None, produced=1)
+    assert cost.predict(8, 0, 0) == pytest.approx(0.31, rel=0.05)
+    assert cost.node_seconds == pytest.approx(0.02, rel=0.05)
+    for step in range(40):
+        n = 1 + step % 8
+        prefill = 500 * (step % 10 == 0)
+        cost.observe(n, 0, 0, 0.3 + 0.01 * n + 0.02 * prefill, None, produced=n,
+                     n_prefill=prefill)
+    assert cost.predict(8, 0, 0) == pytest.approx(0.38, rel=0.02)
+    assert cost.coefficients["b_prefill"] == pytest.approx(0.02, rel=0.02)
+
+
 def test_step_cost_fit_remembers_tree_costs_while_no_tree_runs():
     cost = StepCostModel()
     for step in range(200):

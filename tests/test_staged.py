@@ -8,6 +8,7 @@ import torch
 from conftest import batch_info
 
 from vllm_lookahead.config import LookaheadConfigError, StagedConfig
+from vllm_lookahead.proposers.budget import PROBE_DRAFTS
 from vllm_lookahead.proposers.staged import StagedDrafter
 from vllm_lookahead.tree.protocol import DraftInputs, DraftModel
 
@@ -194,26 +195,30 @@ class Clock:
 
 
 class TimedToy(ToyDraft):
-    """A ToyDraft whose every forward takes ``seconds`` on ``clock``."""
+    """A ToyDraft whose every forward takes ``seconds`` (and ``per_token``
+    per token fed) on ``clock``."""
 
-    def __init__(self, clock, seconds, **kwargs):
+    def __init__(self, clock, seconds, per_token=0.0, **kwargs):
         super().__init__(**kwargs)
-        self.clock, self.seconds = clock, seconds
+        self.clock, self.seconds, self.per_token = clock, seconds, per_token
 
-    def __call__(self, *args):
-        self.clock.t += self.seconds
-        return super().__call__(*args)
+    def __call__(self, rows, starts, tokens, num_logits):
+        self.clock.t += self.seconds + self.per_token * sum(map(len, tokens))
+        return super().__call__(rows, starts, tokens, num_logits)
 
 
-def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requests=1):
-    """``requests`` requests through ``steps`` simulated engine steps: each
+def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requests=1,
+          prompt_len=16, max_tokens=None):
+    """``requests`` requests (``prompt_len`` prompt tokens, ``max_tokens``
+    told to the drafter) through ``steps`` simulated engine steps: each
     target forward of n tokens takes a + b * n seconds and accepts each
     request's draft nodes along the target's greedy path (``target``'s).
     Checks that every draft's chain is the draft model's greedy chain;
     returns per step the draft nodes and draft forwards (summed over
     requests) and each request's tokens."""
     ids = [f"r{i}" for i in range(requests)]
-    histories = [[3 + i, 5, 7] + [(i * j) % VOCAB for j in range(13)] for i in range(requests)]
+    histories = [[3 + i, 5, 7] + [(i * j) % VOCAB for j in range(prompt_len - 3)]
+                 for i in range(requests)]
     new = [[h[-1]] for h in histories]
     tokens = np.zeros((requests, 4096), dtype=np.int64)
     pending = [([], []) for _ in ids]
@@ -236,7 +241,9 @@ def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requ
                     break
             histories[i] += new[i] if step else []
             tokens[i, :len(histories[i])] = histories[i]
-        d.bind_batch(batch_info(ids, trees_verified=trees, scheduled_tokens=scheduled))
+        d.bind_batch(batch_info(ids, trees_verified=trees, scheduled_tokens=scheduled,
+                                prompt_lens=[prompt_len] * requests,
+                                max_tokens=max_tokens and [max_tokens] * requests))
         forwards = model.forwards
         drafts = d.draft(DraftInputs(new, np.array([len(h) for h in histories]), tokens,
                                      DraftModel(np.full(requests, 4096), model)))
@@ -311,3 +318,25 @@ def test_measured_budget_drafts_for_a_loaded_batch():
     # And more tokens per second than plain steps (0.49 s for 8 tokens).
     produced = sum(len(h) - 16 for h in histories)
     assert produced / clock.t > 1.2 * 8 / 0.49
+
+
+def test_measured_budget_reads_a_prompt_only_where_it_pays():
+    """Eight requests with 300-token prompts and a draft that reads a token
+    in 2 ms (a prompt: 0.65 s, more than the 0.49 s target step of the
+    batch). With 20 tokens left per request no drafting can save that: the
+    prompts are never read into the draft, beyond the few probing rows
+    that time the draft while its cost is unknown. With thousands left
+    they are read and drafted (perfect draft)."""
+    for max_tokens in (20, None):
+        clock = Clock()
+        model = TimedToy(clock, 0.05, per_token=0.002, seed=0, sharpness=8.0)
+        d = drafter(k=6, clock=clock, budget="measured", tree=False, stage2=False)
+        log, _ = serve(d, model, ToyDraft(seed=0, sharpness=8.0), clock, 30, False,
+                       step_seconds=(0.45, 0.005), requests=8, prompt_len=300,
+                       max_tokens=max_tokens)
+        if max_tokens:
+            assert len(model.kv) <= PROBE_DRAFTS, model.kv.keys()
+            assert d.stats()["rows_not_read"] > 0
+        else:
+            assert len(model.kv) == 8
+            assert log[15:, 0].mean() >= 8 * 3, log

@@ -4,12 +4,16 @@ A tree node costs target compute; it pays back only if it is accepted. The
 engine's step time is fitted online as
 
     t = a + c * [step has trees] + d * n_trees
-          + b_plain * n_plain + b_tree * n_tree
+          + b_plain * n_plain + b_tree * n_tree + b_prefill * n_prefill
 
 (exponentially weighted least squares over recent steps: ``n_tree`` tree
 nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
 ``c`` the fixed cost of a tree step, ``d`` that of one request's tree: the
-runtime's per-request work in every layer). Adding a node with acceptance
+runtime's per-request work in every layer; ``n_prefill`` prompt tokens,
+kept apart so that a prompt's cost per token never enters the cost of a
+decode step: fitted together, a prefill of 1,100 prompt tokens made a plain
+decode step of 8 requests look 50% slower than it was, and drafts look
+cheap). Adding a node with acceptance
 probability p to a step that produces T tokens in time t raises throughput
 T / t iff p > b_tree * T / t: the node must be accepted more often than the
 tokens the engine produces in the time the node costs. ``threshold()`` is
@@ -20,9 +24,10 @@ net gain beats ``d``, and a step keeps its trees only if their total net
 gain beats ``c``.
 
 Until the fit has seen a few steps (``MIN_STEPS``) no draft is verified:
-the first steps (prefill, then plain decode) give the cost of a plain token,
-and a draft node is then assumed to cost as much (c = d = 0, b_tree =
-b_plain: a node is one more token in the forward) until steps with drafts
+the first steps (prefill, then plain decode) give the cost of a prompt
+token and a plain one, and a draft node is then assumed to cost as much as
+the dearer (c = d = 0, b_tree = max(b_plain, b_prefill): a node is one
+more query token of its request in the forward) until steps with drafts
 measure what it really costs, with at most ``PROBE_DRAFTS`` drafts per step
 meanwhile. So a loaded engine never pays for a phase of full trees to learn
 that they do not pay.
@@ -117,7 +122,7 @@ class StepCostModel:
     it; the host overhead around the forward is the median over recent
     steps, for the same reason."""
 
-    FEATURES = 5  # 1, has trees, n_trees, n_plain, n_tree
+    FEATURES = 6  # 1, has trees, n_trees, n_plain, n_tree, n_prefill
 
     def __init__(self) -> None:
         self._xtx = np.zeros((self.FEATURES, self.FEATURES))
@@ -134,19 +139,20 @@ class StepCostModel:
         self._overhead = 0.0  # their median
 
     @staticmethod
-    def _features(n_plain: int, n_tree: int, n_trees: int) -> np.ndarray:
+    def _features(n_plain: int, n_tree: int, n_trees: int, n_prefill: int) -> np.ndarray:
         return np.array([1.0, float(n_tree > 0), float(n_trees), float(n_plain),
-                         float(n_tree)])
+                         float(n_tree), float(n_prefill)])
 
-    def predict(self, n_plain: int, n_tree: int, n_trees: int) -> float:
+    def predict(self, n_plain: int, n_tree: int, n_trees: int, n_prefill: int = 0) -> float:
         """Forward seconds of a step scheduling these tokens."""
-        return float(self._features(n_plain, n_tree, n_trees) @ self._coef)
+        return float(self._features(n_plain, n_tree, n_trees, n_prefill) @ self._coef)
 
     def observe(self, n_plain: int, n_tree: int, n_trees: int, forward_seconds: float,
-                step_seconds: float | None, produced: int) -> None:
+                step_seconds: float | None, produced: int, n_prefill: int = 0) -> None:
         """One engine step: scheduled tokens (``n_tree`` of them in
-        ``n_trees`` trees), forward time, time since the previous step (None
-        for the first), tokens produced."""
+        ``n_trees`` trees, ``n_prefill`` prompt tokens, ``n_plain`` the
+        others), forward time, time since the previous step (None for the
+        first), tokens produced."""
         if n_tree > 0:
             self._since_draft_step = 0
             self._draft_steps_seen += 1
@@ -157,7 +163,7 @@ class StepCostModel:
             if self._since_draft_step >= REPROBE_STEPS and self._tree_costs is not None:
                 self._tree_costs = None
                 self._tree_weight = 0.0
-        x = self._features(n_plain, n_tree, n_trees)
+        x = self._features(n_plain, n_tree, n_trees, n_prefill)
         self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
         self._xty = TIME_DECAY * self._xty + x * forward_seconds
         self._tree_weight = TIME_DECAY * self._tree_weight + float(n_tree > 0)
@@ -168,10 +174,17 @@ class StepCostModel:
             self._overhead = float(np.median(self._overheads))
         self._steps += 1
         # A small ridge keeps features that did not vary (no tree steps yet)
-        # at zero instead of making the system singular.
-        ridge = 1e-6 * (np.trace(self._xtx) + 1.0)
-        coef = nonnegative_least_squares(self._xtx + ridge * np.eye(self.FEATURES),
-                                         self._xty)
+        # at zero instead of making the system singular; a larger one on the
+        # plain token's cost makes a batch size never seen cost what the
+        # sizes seen cost (a step's time is its fixed cost until decode
+        # batches of several sizes tell the two apart): an unknown batch is
+        # taken as fast, never as slow, so drafts do not look cheap there.
+        # Each feature's ridge is scaled by its own size (prompt chunks of
+        # thousands of tokens made one scaled by the trace a weight on the
+        # others).
+        ridge = np.diag(1e-6 * (np.diag(self._xtx) + 1.0))
+        ridge[3, 3] += 1e-3 * self._xtx[3, 3]
+        coef = nonnegative_least_squares(self._xtx + ridge, self._xty)
         if self._tree_weight >= MIN_TREE_WEIGHT:
             self._tree_costs = coef[TREE_COSTS].copy()
         elif self._tree_costs is not None:
@@ -188,8 +201,9 @@ class StepCostModel:
     @property
     def coefficients(self) -> dict[str, float]:
         """The fit, in seconds: a, c (tree step), d (per tree), b_plain,
-        b_tree, and the median host overhead."""
-        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree"), map(float, self._coef))),
+        b_tree, b_prefill, and the median host overhead."""
+        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree", "b_prefill"),
+                           map(float, self._coef))),
                 "overhead": self._overhead}
 
     @property
@@ -200,8 +214,9 @@ class StepCostModel:
     @property
     def node_seconds(self) -> float:
         """Marginal cost of one tree node; until steps with drafts measured
-        it, a plain token's."""
-        return float(self._coef[4] if self.draft_costs_known else self._coef[3])
+        it, a plain or a prompt token's, whichever is dearer."""
+        return float(self._coef[4] if self.draft_costs_known else max(self._coef[3],
+                                                                       self._coef[5]))
 
     @property
     def tree_step_seconds(self) -> float:
@@ -297,8 +312,9 @@ class StepTimer:
         self.clock = clock
         self._last_bind: float | None = None
         self._forward_started: float | None = None
-        # n_plain, n_tree, n_trees, forward seconds, step seconds of the last step.
-        self._step: tuple[int, int, int, float, float | None] | None = None
+        # n_plain, n_tree, n_trees, forward seconds, step seconds, n_prefill
+        # of the last step.
+        self._step: tuple[int, int, int, float, float | None, int] | None = None
         self._drafted = 0  # draft tokens of the coming forward
         self._drafted_trees = 0  # requests with a draft in it
         self._excluded = 0.0
@@ -307,21 +323,22 @@ class StepTimer:
     def forward_started(self) -> None:
         self._forward_started = self.clock()
 
-    def batch_bound(self, scheduled_tokens: int) -> None:
+    def batch_bound(self, scheduled_tokens: int, prefill_tokens: int = 0) -> None:
         now = self.clock()
         if self._forward_started is not None:
             n_tree = min(self._drafted, scheduled_tokens)
+            n_prefill = min(prefill_tokens, scheduled_tokens - n_tree)
             step = None if self._last_bind is None else now - self._last_bind - self._excluded
-            self._step = (scheduled_tokens - n_tree, n_tree, self._drafted_trees,
-                          now - self._forward_started, step)
+            self._step = (scheduled_tokens - n_tree - n_prefill, n_tree, self._drafted_trees,
+                          now - self._forward_started, step, n_prefill)
         self._last_bind, self._forward_started = now, None
         self._excluded = 0.0
 
     def observe(self, produced: int) -> None:
         if self._step is not None:
-            n_plain, n_tree, n_trees, forward, step = self._step
+            n_plain, n_tree, n_trees, forward, step, n_prefill = self._step
             self._step = None
-            self.cost.observe(n_plain, n_tree, n_trees, forward, step, produced)
+            self.cost.observe(n_plain, n_tree, n_trees, forward, step, produced, n_prefill)
             self.step_seconds += forward + self.cost.overhead_seconds
 
     def exclude(self, seconds: float) -> None:
@@ -379,6 +396,26 @@ class DraftCostModel:
         """Seconds of a draft forward over ``tokens`` tokens (0 until
         measured)."""
         return float(self._coef @ np.array([1.0, float(tokens)]))
+
+
+class DecayedMean:
+    """Means of a few per-sample quantities over recent samples (decayed
+    by ``COUNT_DECAY`` per update), starting from ``prior`` worth one
+    sample."""
+
+    def __init__(self, prior: np.ndarray) -> None:
+        self.prior = np.asarray(prior, dtype=np.float64)
+        self._sum = np.zeros_like(self.prior)
+        self._count = np.zeros_like(self.prior)
+
+    def update(self, index: int, total: float, samples: int) -> None:
+        """``samples`` new samples of quantity ``index`` summing to ``total``."""
+        self._sum[index] = COUNT_DECAY * self._sum[index] + total
+        self._count[index] = COUNT_DECAY * self._count[index] + samples
+
+    @property
+    def value(self) -> np.ndarray:
+        return (self._sum + self.prior) / (self._count + 1.0)
 
 
 # Draft-probability buckets of ``ScoreCalibration`` (upper edges).

@@ -129,7 +129,7 @@ class LookaheadProposer:
         """The coming ``draft`` call's rows. Pools of requests that left the
         batch (finished, aborted, preempted or unscheduled) are freed here
         and rebuilt from the token history if the request comes back."""
-        self.timer.batch_bound(batch.scheduled_tokens)
+        self.timer.batch_bound(batch.scheduled_tokens, batch.prefill_tokens)
         req_ids = batch.req_ids
         self._batch_req_ids = req_ids
         self._batch_trees = batch.trees_verified and self.config.mode == "tree"

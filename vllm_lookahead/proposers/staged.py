@@ -52,9 +52,9 @@ import numpy as np
 import torch
 
 from vllm_lookahead.config import StagedConfig
-from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, REPROBE_STEPS, SCORE_EDGES,
-                                             DraftCostModel, ScoreCalibration, StepCostModel,
-                                             StepTimer)
+from vllm_lookahead.proposers.budget import (COUNT_DECAY, PROBE_DRAFTS, REPROBE_STEPS,
+                                             SCORE_EDGES, DecayedMean, DraftCostModel,
+                                             ScoreCalibration, StepCostModel, StepTimer)
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftForward, DraftInputs, Drafts,
                                           Predictions, Verification)
@@ -64,6 +64,13 @@ logger = logging.getLogger(__name__)
 STATS_EVERY_STEPS = int(os.environ.get("VLLM_LOOKAHEAD_LOG_EVERY", "500"))
 # Longest span of unread tokens the draft reads in one forward per request.
 PREFILL_CHUNK = 512
+# Unread tokens of a request that drafts every step (its last token and a
+# rejected node's place); a longer span (a prompt, drafting paused) is read
+# only where the request's remaining tokens pay for it (measured budget).
+USUAL_UNREAD = 2
+# Draft forwards over at least this many tokens time the draft's reading
+# of a span (its prefill rate, not its per-round cost).
+READ_SPAN = 32
 
 
 class _Chain:
@@ -135,6 +142,8 @@ class StagedDrafter:
         self._indexed: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
         self._batch_trees = False
+        self._max_tokens: list[int | None] = []
+        self._prompt_lens: list[int] = []
         # Measured budget: the target's step time, the draft's forward time,
         # acceptance by draft probability; each request's last draft
         # (tokens, parents, node scores) to calibrate it.
@@ -147,9 +156,15 @@ class StagedDrafter:
         self._last: dict[str, tuple[list[int], list[int], np.ndarray]] = {}
         self._bar = 0.0  # acceptance bar of the last step
         self._since_forward = 0  # steps with decoding rows but no draft forward
+        # What a drafting request yields per step: accepted tokens, nodes,
+        # and the step's draft rounds (a first round's worth until measured).
+        self.yields = DecayedMean(np.ones(3))
+        # Decayed seconds and tokens of the draft's forwards over long spans.
+        self._reads = np.zeros(2)
         # steps, drafting requests, draft forwards, chain tokens, nodes,
-        # chain tokens found by stage-2 guesses, steps with a draft
-        self.counters = np.zeros(7, dtype=np.int64)
+        # chain tokens found by stage-2 guesses, steps with a draft, rows
+        # whose unread span was not worth reading
+        self.counters = np.zeros(8, dtype=np.int64)
         # Seconds in draft forwards, and in the whole of ``draft``.
         self.seconds = np.zeros(2)
 
@@ -160,9 +175,11 @@ class StagedDrafter:
         """Row -> request map of the coming ``draft``, and whether the tree
         runtime verifies this batch. State of requests that left the batch is
         dropped; one that comes back is re-read from its first token."""
-        self.timer.batch_bound(batch.scheduled_tokens)
+        self.timer.batch_bound(batch.scheduled_tokens, batch.prefill_tokens)
         self._batch_req_ids = list(batch.req_ids)
         self._batch_trees = batch.trees_verified and self.config.tree
+        self._max_tokens = batch.max_tokens or [None] * len(batch.req_ids)
+        self._prompt_lens = batch.prompt_lens
         self._disabled = {r for r, extra in zip(batch.req_ids, batch.extra_args)
                           if self._disables(r, extra)}
         present = set(batch.req_ids)
@@ -306,6 +323,7 @@ class StagedDrafter:
                 self._log_stats()
         self._bar = self.cost.threshold(decoding) if self.measured else 0.0
         if self.measured:
+            rows = self._worth_reading(req_ids, rows, num_tokens, token_ids, decoding)
             rows = self._first_round_pays(rows, decoding)
             self._since_forward = 0 if rows else self._since_forward + bool(decoding)
             if self._since_forward >= REPROBE_STEPS:
@@ -330,6 +348,7 @@ class StagedDrafter:
         self.counters[3] += sum(len(c.tokens) for c in chains)
         drafted = [t for t in drafts.tokens if t]
         self.counters[6] += bool(drafted)
+        self.yields.update(1, sum(map(len, drafted)), len(drafted))
         self.timer.drafted(sum(map(len, drafted)), len(drafted))
         return drafts
 
@@ -359,6 +378,7 @@ class StagedDrafter:
                 path.append(node)
             offered.append(scores)
             accepted.append(scores[path])
+        self.yields.update(0, sum(map(len, accepted)), len(accepted))
         classes = ScoreCalibration.classes
         self.calibration.update(
             classes(np.concatenate(offered)) if offered else np.zeros(0, np.int64),
@@ -368,6 +388,50 @@ class StagedDrafter:
         """A draft forward over ``tokens`` tokens, in tokens the engine
         would produce meanwhile."""
         return self.draft_cost.predict(tokens) * self.cost.decode_rate(decoding)
+
+    def _worth_reading(self, req_ids: list[str], rows: list[int], num_tokens: np.ndarray,
+                       token_ids: np.ndarray, decoding: int) -> list[int]:
+        """Rows whose draft KV is at most ``USUAL_UNREAD`` tokens behind, and
+        those further behind (a fresh prompt, drafting paused) whose
+        drafting would gain, over the tokens they have left, more than
+        reading the span costs: the gain per step is a drafting request's
+        measured yield (accepted tokens) less its share of the step's draft
+        rounds and tree costs, in tokens the engine would produce
+        meanwhile. Under load a fresh request's prompt would cost more
+        draft time than its drafts can ever save, so it is never read."""
+        if not rows or not self.cost.ready:
+            return rows
+        accepted, nodes, rounds = self.yields.value
+        rate = self.cost.decode_rate(decoding)
+        per_step = accepted - rate * (
+            rounds * self.draft_cost.predict(USUAL_UNREAD * len(rows)) / len(rows)
+            + self.cost.tree_seconds + nodes * self.cost.node_seconds
+            + self.cost.tree_step_seconds / len(rows))
+        per_token = self._read_seconds() * rate
+        kept = []
+        for r in rows:
+            n = int(num_tokens[r])
+            span = n - self._resume_point(req_ids[r], token_ids[r, :n]) - USUAL_UNREAD
+            if span > 0:
+                left = self.max_model_len - n
+                if self._max_tokens[r] is not None:
+                    left = min(left, self._max_tokens[r] - (n - self._prompt_lens[r]))
+                if per_step * left / (1.0 + accepted) <= per_token * span:
+                    self.counters[7] += 1
+                    continue
+            kept.append(r)
+        return kept
+
+    def _read_seconds(self) -> float:
+        """Seconds the draft takes to read one token of a long span; until
+        it has read one, a target token's scaled by the two models' fixed
+        costs per forward (both mostly the reading of their weights)."""
+        seconds, tokens = self._reads
+        if tokens:
+            return seconds / tokens
+        target = self.cost.coefficients
+        ratio = min(1.0, self.draft_cost.coefficients[0] / target["a"]) if target["a"] > 0 else 1.0
+        return target["b_plain"] * ratio
 
     def _first_round_pays(self, rows: list[int], decoding: int) -> list[int]:
         """Rows that draft this step: none until the target's step time is
@@ -430,6 +494,9 @@ class StagedDrafter:
                 torch.cuda.synchronize(logits.device)
             seconds = self.clock() - started
             self.seconds[0] += seconds
+            read = sum(len(t) for t in tokens)
+            if read >= READ_SPAN:
+                self._reads = COUNT_DECAY * self._reads + (seconds, read)
             if fit:
                 self.draft_cost.observe(sum(len(t) for t in tokens), seconds)
             self.timer.exclude(seconds)
@@ -462,6 +529,7 @@ class StagedDrafter:
         self._catch_up(ids, chains, starts, feed, self._timed(forward, fit=False))
         forward = self._timed(forward, fit=True)
         # First chain forward: the tokens the draft has not read, then a guess.
+        rounds = int(self.counters[2])
         active = list(range(len(chains)))
         first = True
         while active:
@@ -508,6 +576,7 @@ class StagedDrafter:
                 if not self._stop(chain, starts[i], children):
                     still.append(i)
             active = still
+        self.yields.update(2, int(self.counters[2]) - rounds, 1)
         for req_id, history in zip(ids, histories):
             self._valid[req_id] = len(history)
         if self.pool is not None:
@@ -579,16 +648,19 @@ class StagedDrafter:
     # Stats.
 
     def stats(self) -> dict[str, float]:
-        steps, drafting, forwards, chain, nodes, guessed, drafted = (
+        steps, drafting, forwards, chain, nodes, guessed, drafted, unread = (
             int(x) for x in self.counters)
         return {
             "steps": steps,
             "drafting_steps": drafted,
+            "rows_not_read": unread,
             "draft_forwards": forwards,
             "draft_forwards_per_step": forwards / steps if steps else 0.0,
             "chain_tokens_per_request": chain / drafting if drafting else 0.0,
             "nodes_per_request": nodes / drafting if drafting else 0.0,
             "acceptance_bar": self._bar,
+            "yield_per_request": dict(zip(("accepted", "nodes", "rounds"),
+                                          self.yields.value.tolist())),
             "target_node_ms": 1e3 * self.cost.node_seconds,
             "draft_forward_ms": 1e3 * self.draft_cost.predict(1),
             "target_fit": self.cost.coefficients,

@@ -46,6 +46,13 @@ class BatchInfo:
     extra_args: list[dict[str, Any] | None]
     # Tokens the step that just ran scheduled (its forward's size).
     scheduled_tokens: int
+    # Per row: the request's max_tokens (None: up to max_model_len); the
+    # staged cascade's budget reads a request's prompt into the draft only
+    # if the tokens it has left can pay for it. None: all unbounded.
+    max_tokens: list[int | None] | None = None
+    # Of ``scheduled_tokens``, those of prompt chunks (the step-cost fit
+    # prices them apart from decode tokens).
+    prefill_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -115,12 +115,18 @@ class GPUModelRunnerPatch(Patch):
         num_reqs = batch.num_reqs
         req_ids = list(batch.req_ids[:num_reqs])
         params = [self.requests[r].sampling_params for r in req_ids]
+        # A decode row schedules its last token and its drafts; more is a
+        # prompt chunk.
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        prefill_tokens = sum(n for r, n in scheduler_output.num_scheduled_tokens.items()
+                             if n > 1 + len(spec.get(r, ())))
         drafter.bind_batch(BatchInfo(
             req_ids=req_ids, greedy=[r in batch.greedy_reqs for r in req_ids],
             trees_verified=trees_verifiable(batch, params),
             prompt_lens=batch.num_prompt_tokens[:num_reqs].tolist(),
             extra_args=[p.extra_args for p in params],
-            scheduled_tokens=scheduler_output.total_num_scheduled_tokens))
+            scheduled_tokens=scheduler_output.total_num_scheduled_tokens,
+            max_tokens=[p.max_tokens for p in params], prefill_tokens=prefill_tokens))
         drafts = drafter.draft(DraftInputs(
             sampled_token_ids=sampled_token_ids,
             num_tokens=batch.num_tokens_no_spec[:num_reqs],
