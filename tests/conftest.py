@@ -76,10 +76,10 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 def batch_info(req_ids, trees_verified=False, scheduled_tokens=0, prompt_lens=None,
-               max_tokens=None):
+               max_tokens=None, prefill_tokens=0):
     """A ``BatchInfo`` of greedy requests without extra args."""
     from vllm_lookahead.tree.protocol import BatchInfo
 
     n = len(req_ids)
     return BatchInfo(list(req_ids), [True] * n, trees_verified, prompt_lens or [0] * n,
-                     [None] * n, scheduled_tokens, max_tokens)
+                     [None] * n, scheduled_tokens, max_tokens, prefill_tokens)

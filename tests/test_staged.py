@@ -243,7 +243,8 @@ def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requ
             tokens[i, :len(histories[i])] = histories[i]
         d.bind_batch(batch_info(ids, trees_verified=trees, scheduled_tokens=scheduled,
                                 prompt_lens=[prompt_len] * requests,
-                                max_tokens=max_tokens and [max_tokens] * requests))
+                                max_tokens=max_tokens and [max_tokens] * requests,
+                                prefill_tokens=scheduled if step == 0 else 0))
         forwards = model.forwards
         drafts = d.draft(DraftInputs(new, np.array([len(h) for h in histories]), tokens,
                                      DraftModel(np.full(requests, 4096), model)))
@@ -323,11 +324,11 @@ def test_measured_budget_drafts_for_a_loaded_batch():
 def test_measured_budget_reads_a_prompt_only_where_it_pays():
     """Eight requests with 300-token prompts and a draft that reads a token
     in 2 ms (a prompt: 0.65 s, more than the 0.49 s target step of the
-    batch). With 20 tokens left per request no drafting can save that: the
+    batch). With 4 tokens left per request no drafting can save that: the
     prompts are never read into the draft, beyond the few probing rows
     that time the draft while its cost is unknown. With thousands left
     they are read and drafted (perfect draft)."""
-    for max_tokens in (20, None):
+    for max_tokens in (4, None):
         clock = Clock()
         model = TimedToy(clock, 0.05, per_token=0.002, seed=0, sharpness=8.0)
         d = drafter(k=6, clock=clock, budget="measured", tree=False, stage2=False)

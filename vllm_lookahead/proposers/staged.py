@@ -424,14 +424,14 @@ class StagedDrafter:
 
     def _read_seconds(self) -> float:
         """Seconds the draft takes to read one token of a long span; until
-        it has read one, a target token's scaled by the two models' fixed
+        it has read one, a target prompt token's scaled by the two models' fixed
         costs per forward (both mostly the reading of their weights)."""
         seconds, tokens = self._reads
         if tokens:
             return seconds / tokens
         target = self.cost.coefficients
         ratio = min(1.0, self.draft_cost.coefficients[0] / target["a"]) if target["a"] > 0 else 1.0
-        return target["b_plain"] * ratio
+        return max(target["b_plain"], target["b_prefill"]) * ratio
 
     def _first_round_pays(self, rows: list[int], decoding: int) -> list[int]:
         """Rows that draft this step: none until the target's step time is
