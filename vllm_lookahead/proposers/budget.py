@@ -173,15 +173,14 @@ class StepCostModel:
             self._overheads.append(max(step_seconds - forward_seconds, 0.0))
             self._overhead = float(np.median(self._overheads))
         self._steps += 1
-        # A small ridge keeps features that did not vary (no tree steps yet)
-        # at zero instead of making the system singular; a larger one on the
+        # A small ridge, scaled by each feature's own size (one scaled by
+        # the trace let prompt chunks of thousands of tokens weigh on the
+        # others), keeps features that did not vary (no tree steps yet) at
+        # zero instead of making the system singular; a larger one on the
         # plain token's cost makes a batch size never seen cost what the
         # sizes seen cost (a step's time is its fixed cost until decode
         # batches of several sizes tell the two apart): an unknown batch is
-        # taken as fast, never as slow, so drafts do not look cheap there.
-        # Each feature's ridge is scaled by its own size (prompt chunks of
-        # thousands of tokens made one scaled by the trace a weight on the
-        # others).
+        # taken as fast, not slow, so drafts do not look cheap there.
         ridge = np.diag(1e-6 * (np.diag(self._xtx) + 1.0))
         ridge[3, 3] += 1e-3 * self._xtx[3, 3]
         coef = nonnegative_least_squares(self._xtx + ridge, self._xty)

@@ -397,8 +397,8 @@ class StagedDrafter:
         reading the span costs: the gain per step is a drafting request's
         measured yield (accepted tokens) less its share of the step's draft
         rounds and tree costs, in tokens the engine would produce
-        meanwhile. Under load a fresh request's prompt would cost more
-        draft time than its drafts can ever save, so it is never read."""
+        meanwhile. Under load a fresh request's prompt can cost more draft
+        time than its drafts would save; it is then not read."""
         if not rows or not self.cost.ready:
             return rows
         accepted, nodes, rounds = self.yields.value
