@@ -44,6 +44,8 @@ ALL = "all"
 STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": False,
                                                                        "stage2": False},
           "staged-tree": {}, "staged-tree-no-stage2": {"stage2": False},
+          "staged-linear-lookahead-stage2": {"tree": False, "stage2": "lookahead"},
+          "staged-tree-lookahead-stage2": {"stage2": "lookahead"},
           # The whole chain / tree every step (no measured budget).
           "staged-linear-static": {"tree": False, "budget": "static"},
           "staged-tree-static": {"budget": "static"}}
@@ -230,10 +232,12 @@ def _draft_counts(llm, method: Method) -> tuple[int, int]:
 
 def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[str],
                batch_sizes: list[int], max_tokens: int, progress, max_model_len: int,
-               enforce_eager: bool = False,
+               enforce_eager: bool = False, batch1_prompts: int | None = None,
                ) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
-    """All batch sizes and categories with one engine; returns the cells
-    and every request's output token ids keyed by (batch size, prompt)."""
+    """All batch sizes and categories with one engine (at batch 1 only the
+    first ``batch1_prompts`` prompts of each cell, where given); returns the
+    cells and every request's output token ids keyed by (batch size,
+    prompt)."""
     from vllm import SamplingParams
 
     if method.additional_config and "staged" in method.additional_config:
@@ -255,6 +259,8 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
             groups = by_category if min(map(len, by_category.values())) >= batch \
                 else {ALL: list(range(len(prompts)))}
             for category, index in groups.items():
+                if batch == 1 and batch1_prompts:
+                    index = index[:batch1_prompts]
                 cell = Cell(method.name, batch, category)
                 before = _metrics(llm)
                 forwards_before = _draft_counts(llm, method)
@@ -352,6 +358,9 @@ def main() -> None:
                         help="num_speculative_tokens (nodes per tree) of tree lookahead")
     parser.add_argument("--staged-k", type=int,
                         help="nodes per tree of the staged tree methods (default: --tree-k)")
+    parser.add_argument("--batch1-prompts", type=int,
+                        help="prompts per batch-1 cell (the first of each category; default "
+                        "all): batch 1 takes the longest, and larger batches need more prompts")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every engine eagerly (no torch.compile: much faster "
@@ -386,14 +395,17 @@ def main() -> None:
     cells: list[Cell] = []
     skipped: dict[str, str] = {}
     reference: dict[tuple[int, int], list[int]] = {}
-    progress = tqdm(total=len(methods) * len(batch_sizes) * len(prompts), unit="req",
+    per_engine = sum(min(len(prompts), args.batch1_prompts * len({p.category for p in prompts}))
+                     if b == 1 and args.batch1_prompts else len(prompts) for b in batch_sizes)
+    progress = tqdm(total=len(methods) * per_engine, unit="req",
                     file=sys.stdout, dynamic_ncols=True)
     for method in methods:
         progress.set_description(method.name)
         try:
             method_cells, outputs = run_engine(model, method, prompts, texts, batch_sizes,
                                                args.max_tokens, progress, args.max_model_len,
-                                               enforce_eager=args.enforce_eager)
+                                               enforce_eager=args.enforce_eager,
+                                               batch1_prompts=args.batch1_prompts)
         except Exception as e:  # noqa: BLE001 - a method vLLM cannot run here is reported
             if method.name == "plain-vllm":
                 raise
@@ -401,12 +413,13 @@ def main() -> None:
             if method.name == "vllm-suffix":
                 skipped[method.name] += " (bash scripts/install_suffix.sh installs it)"
             progress.write(f"{method.name}: skipped ({skipped[method.name]})")
-            progress.update(len(batch_sizes) * len(prompts))
+            progress.update(per_engine)
             continue
         if method.name == "plain-vllm":
             reference = outputs
         for cell in method_cells:
-            index = [i for i, p in enumerate(prompts) if cell.category in (ALL, p.category)]
+            index = [i for i, p in enumerate(prompts) if cell.category in (ALL, p.category)
+                     and (cell.batch_size, i) in outputs]
             cell.identical = all(outputs[(cell.batch_size, i)] == reference[(cell.batch_size, i)]
                                  for i in index)
         cells += method_cells
@@ -424,6 +437,7 @@ def main() -> None:
         "machine": machine(), "model": model, "draft_model": draft,
         "prompts": args.prompts, "per_category": args.per_category,
         "max_tokens": args.max_tokens, "batch_sizes": batch_sizes,
+        "batch1_prompts": args.batch1_prompts,
         "enforce_eager": args.enforce_eager,
         "methods": {m.name: {"speculative_config": m.speculative_config,
                              "additional_config": m.additional_config} for m in methods},

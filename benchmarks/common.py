@@ -109,10 +109,12 @@ def staged_method(draft: str, k: int = 8, **staged: Any) -> Method:
     """The staged draft cascade: vLLM's draft_model method plus
     ``additional_config["staged"]``."""
     tree = staged.get("tree", True)
-    stage2 = staged.get("stage2", True)
+    stage2 = staged.get("stage2", "ngram")
+    stage2 = {True: "ngram", False: "off"}.get(stage2, stage2)
     static = staged.get("budget") == "static"
+    suffix = {"ngram": "", "lookahead": "-lookahead-stage2", "off": "-no-stage2"}[stage2]
     return Method(
-        f"staged-{'tree' if tree else 'linear'}{'' if stage2 else '-no-stage2'}"
+        f"staged-{'tree' if tree else 'linear'}{suffix}"
         f"{'-static' if static else ''}",
         {"method": "draft_model", "model": draft, "num_speculative_tokens": k},
         {"staged": staged},

@@ -246,6 +246,45 @@ def test_step_cost_fit_prices_prompt_tokens_apart():
     assert cost.coefficients["b_prefill"] == pytest.approx(0.02, rel=0.02)
 
 
+def test_step_cost_fit_prices_nodes_past_the_knee_as_compute():
+    """A forward costs its weight reads (0.3 s) until its tokens' compute
+    passes them (12 tokens here), then 25 ms a token more, as a prompt token
+    costs 30 ms: batch-1 tree steps of up to 10 tokens say a node costs 5 ms,
+    but a batch-8 step of 8 + 54 nodes costs 30 ms a node. Fitted with one
+    line through the small steps, batch 8 took its nodes at 5 ms and
+    drafted full trees."""
+    rng = np.random.default_rng(1)
+
+    def forward(n_plain, n_tree, n_trees):
+        n = n_plain + n_tree
+        return (0.3 + 0.005 * n + 0.025 * max(n - 12, 0) + 0.01 * (n_tree > 0)
+                + 0.005 * n_trees + rng.normal(0, 0.005))
+
+    cost = StepCostModel()
+    for step in range(120):
+        if step % 20 == 0:  # a prompt chunk
+            cost.observe(0, 0, 0, 0.3 + 0.03 * 150, None, produced=1, n_prefill=150)
+            continue
+        n_tree = int(rng.integers(2, 10)) * (step % 2)
+        cost.observe(1, n_tree, int(n_tree > 0), forward(1, n_tree, int(n_tree > 0)), None,
+                     produced=2)
+    assert cost.draft_costs_known
+    # Below the knee a node costs what the batch-1 steps measured...
+    assert cost.nodes_seconds(1, 6) == pytest.approx(0.005, abs=0.002)
+    # ... past every step seen, a prompt token's compute.
+    assert cost.nodes_seconds(8, 54) > 0.025
+    assert cost.threshold(8, 54) > 4 * cost.threshold(8, 1)
+    # Batch-8 steps with trees of all sizes: the fit finds the knee.
+    for step in range(300):
+        n_tree = int(rng.integers(0, 60)) * (step % 2)
+        n_trees = min(n_tree, 8)
+        cost.observe(8, n_tree, n_trees, forward(8, n_tree, n_trees), None, produced=8)
+    assert cost.knee in (8, 12, 16)
+    assert cost.nodes_seconds(8, 54) == pytest.approx(0.005 + 0.025 * 50 / 54, rel=0.1)
+    assert cost.predict(8, 54, 8) == pytest.approx(0.3 + 0.005 * 62 + 0.025 * 50 + 0.05,
+                                                   rel=0.05)
+
+
 def test_step_cost_fit_remembers_tree_costs_while_no_tree_runs():
     cost = StepCostModel()
     for step in range(200):

@@ -206,9 +206,17 @@ class StagedConfig(_AdditionalConfig):
     children:   tokens of the draft's distribution considered at each depth
                 (the greedy one and children - 1 alternatives, tree mode).
     stage2:     speed up the draft itself: each draft forward also verifies
-                an n-gram pool guess for the draft's own greedy chain, so one
-                forward can extend the chain by several tokens (the chain is
-                unchanged: exactly the draft's greedy tokens).
+                a guess of the draft's own greedy chain, so one forward can
+                extend the chain by several tokens (the chain is unchanged:
+                exactly the draft's greedy tokens). "ngram" (or True): the
+                continuation of its last token in an n-gram pool of the
+                request's tokens and the draft's chains; "lookahead": that or
+                the draft's own Jacobi iteration (its predictions past a wrong
+                guess token, or past the nodes the target was not given last
+                step), whichever found more tokens per guess lately (one
+                window, no 2-D lookahead branch: measured no fewer draft
+                forwards than "ngram" on HumanEval, README); "off" (or
+                False): none.
     ngram, key_len, capacity, buckets, ways: the stage-2 pool, as in
                 ``additional_config["lookahead"]``.
     budget:     "measured": draft only what pays, per step and request: the
@@ -227,7 +235,7 @@ class StagedConfig(_AdditionalConfig):
     tree: bool = True
     depth: int | None = None
     children: int = 4
-    stage2: bool = True
+    stage2: str | bool = "ngram"
     ngram: int = 4
     key_len: int = 1
     capacity: int = 4
@@ -236,8 +244,13 @@ class StagedConfig(_AdditionalConfig):
     budget: str = "measured"
 
     def __post_init__(self) -> None:
-        for name in ("tree", "stage2"):
-            self._boolean(name)
+        self._boolean("tree")
+        if isinstance(self.stage2, bool):
+            object.__setattr__(self, "stage2", "ngram" if self.stage2 else "off")
+        if self.stage2 not in ("lookahead", "ngram", "off"):
+            raise LookaheadConfigError(
+                f'additional_config["{self.key}"]["stage2"] must be "lookahead", "ngram", '
+                f'"off" or a bool, got {self.stage2!r}')
         self._budget()
         if self.depth is not None:
             self._integer("depth", 1)

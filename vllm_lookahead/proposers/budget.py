@@ -5,6 +5,7 @@ engine's step time is fitted online as
 
     t = a + c * [step has trees] + d * n_trees
           + b_plain * n_plain + b_tree * n_tree + b_prefill * n_prefill
+          + h * max(0, n_plain + n_tree - K)
 
 (exponentially weighted least squares over recent steps: ``n_tree`` tree
 nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
@@ -13,13 +14,23 @@ runtime's per-request work in every layer; ``n_prefill`` prompt tokens,
 kept apart so that a prompt's cost per token never enters the cost of a
 decode step: fitted together, a prefill of 1,100 prompt tokens made a plain
 decode step of 8 requests look 50% slower than it was, and drafts look
-cheap). Adding a node with acceptance
+cheap; ``h`` beyond the knee ``K``: a forward reads the model's weights
+whatever it computes, so a few more query tokens cost little, until the
+step computes more than it reads and each token costs its compute, as a
+prompt token does. Measured on Qwen2.5-Coder-1.5B on this CPU: a node cost
+~16 ms in a batch-1 tree step of ~9 tokens and ~33 ms in a batch-8 step of
+~60, which a line through both priced at the first, so batch 8 drafted full
+trees. ``K`` is the knee of a fixed grid that fits best; beyond the steps
+seen, ``h`` is taken as a prompt token's cost less a node's, worth one step
+of twice the knee, so a step larger than any seen is priced as compute, not
+as the small steps that were). Adding a node with acceptance
 probability p to a step that produces T tokens in time t raises throughput
 T / t iff p > b_tree * T / t: the node must be accepted more often than the
 tokens the engine produces in the time the node costs. ``threshold()`` is
 that bar, with T / t the fitted rate of a plain decode step of the current
-batch (prefill chunks left out); it rises with the batch and falls back as
-the load goes down. A request keeps its tree only if the tree's expected
+batch (prefill chunks left out) and the node's cost its mean over the nodes
+the step is expected to hold (past the knee, ``b_tree + h``); it rises with
+the batch and falls back as the load goes down. A request keeps its tree only if the tree's expected
 net gain beats ``d``, and a step keeps its trees only if their total net
 gain beats ``c``.
 
@@ -82,6 +93,12 @@ WARMUP_DRAFT_STEPS = 1
 # under another load, or from a few noisy steps, must not keep drafts out
 # forever.
 REPROBE_STEPS = 128
+# Candidate knees of the step-time fit (decode tokens in a step): where a
+# forward stops being bound by reading the weights (about a dozen tokens
+# for a 1.5B model in fp32 on two CPU cores, hundreds on a GPU).
+KNEES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+# Steps between choices of the knee (each solves every candidate's fit).
+KNEE_EVERY = 16
 
 
 def nonnegative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
@@ -115,22 +132,28 @@ def nonnegative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
 
 
 class StepCostModel:
-    """Online linear fit of the engine's forward time, and its throughput.
+    """Online fit of the engine's forward time, and its throughput.
 
     The fit uses the time from the start of the forward (input preparation)
     to the drafter's next call, so idle gaps between requests never enter
     it; the host overhead around the forward is the median over recent
     steps, for the same reason."""
 
-    FEATURES = 6  # 1, has trees, n_trees, n_plain, n_tree, n_prefill
+    # 1, has trees, n_trees, n_plain, n_tree, n_prefill, tokens past the knee
+    FEATURES = 7
+    EXCESS = 6
 
     def __init__(self) -> None:
-        self._xtx = np.zeros((self.FEATURES, self.FEATURES))
-        self._xty = np.zeros(self.FEATURES)
+        shape = (len(KNEES), self.FEATURES)
+        self._xtx = np.zeros(shape + (self.FEATURES,))  # per candidate knee
+        self._xty = np.zeros(shape)
+        self._yty = 0.0
+        self._knee = 0  # index into KNEES
         self._coef = np.zeros(self.FEATURES)
         self._steps = 0
         self._tree_weight = 0.0
         self._tree_costs: np.ndarray | None = None  # c, d, b_tree when last told
+        self._trees = np.zeros(2)  # decayed nodes and trees of recent steps
         self._tokens = 0.0
         self._forward_seconds = 0.0
         self._draft_steps_seen = 0
@@ -138,14 +161,26 @@ class StepCostModel:
         self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self._overhead = 0.0  # their median
 
+    @property
+    def knee(self) -> int:
+        """Decode tokens in a step past which each costs ``h`` more."""
+        return KNEES[self._knee]
+
     @staticmethod
-    def _features(n_plain: int, n_tree: int, n_trees: int, n_prefill: int) -> np.ndarray:
-        return np.array([1.0, float(n_tree > 0), float(n_trees), float(n_plain),
-                         float(n_tree), float(n_prefill)])
+    def _features(n_plain: int, n_tree: int, n_trees: int, n_prefill: int,
+                  knees: np.ndarray | int) -> np.ndarray:
+        """Features of a step, one row per knee in ``knees``."""
+        excess = np.maximum(n_plain + n_tree - np.atleast_1d(knees), 0).astype(np.float64)
+        x = np.empty((len(excess), StepCostModel.FEATURES))
+        x[:] = [1.0, float(n_tree > 0), float(n_trees), float(n_plain), float(n_tree),
+                float(n_prefill), 0.0]
+        x[:, StepCostModel.EXCESS] = excess
+        return x
 
     def predict(self, n_plain: int, n_tree: int, n_trees: int, n_prefill: int = 0) -> float:
         """Forward seconds of a step scheduling these tokens."""
-        return float(self._features(n_plain, n_tree, n_trees, n_prefill) @ self._coef)
+        return float(self._features(n_plain, n_tree, n_trees, n_prefill, self.knee)[0]
+                     @ self._coef)
 
     def observe(self, n_plain: int, n_tree: int, n_trees: int, forward_seconds: float,
                 step_seconds: float | None, produced: int, n_prefill: int = 0) -> None:
@@ -163,27 +198,27 @@ class StepCostModel:
             if self._since_draft_step >= REPROBE_STEPS and self._tree_costs is not None:
                 self._tree_costs = None
                 self._tree_weight = 0.0
-        x = self._features(n_plain, n_tree, n_trees, n_prefill)
-        self._xtx = TIME_DECAY * self._xtx + np.outer(x, x)
+        x = self._features(n_plain, n_tree, n_trees, n_prefill, np.asarray(KNEES))
+        self._xtx = TIME_DECAY * self._xtx + x[:, :, None] * x[:, None, :]
         self._xty = TIME_DECAY * self._xty + x * forward_seconds
+        self._yty = TIME_DECAY * self._yty + forward_seconds ** 2
         self._tree_weight = TIME_DECAY * self._tree_weight + float(n_tree > 0)
+        self._trees = TIME_DECAY * self._trees + (n_tree, n_trees)
         self._tokens = TIME_DECAY * self._tokens + produced
         self._forward_seconds = TIME_DECAY * self._forward_seconds + forward_seconds
         if step_seconds is not None:
             self._overheads.append(max(step_seconds - forward_seconds, 0.0))
             self._overhead = float(np.median(self._overheads))
         self._steps += 1
-        # A small ridge, scaled by each feature's own size (one scaled by
-        # the trace let prompt chunks of thousands of tokens weigh on the
-        # others), keeps features that did not vary (no tree steps yet) at
-        # zero instead of making the system singular; a larger one on the
-        # plain token's cost makes a batch size never seen cost what the
-        # sizes seen cost (a step's time is its fixed cost until decode
-        # batches of several sizes tell the two apart): an unknown batch is
-        # taken as fast, not slow, so drafts do not look cheap there.
-        ridge = np.diag(1e-6 * (np.diag(self._xtx) + 1.0))
-        ridge[3, 3] += 1e-3 * self._xtx[3, 3]
-        coef = nonnegative_least_squares(self._xtx + ridge, self._xty)
+        if self._steps % KNEE_EVERY == 1:
+            fits = [self._solve(k) for k in range(len(KNEES))]
+            values = np.array([value for _, value in fits])
+            # The smallest knee of those that fit as well as the best (the
+            # knees past every step seen fit alike).
+            self._knee = int(np.argmax(values <= values.min() + 1e-9 * max(self._yty, 1e-12)))
+            coef = fits[self._knee][0]
+        else:
+            coef = self._solve(self._knee)[0]
         if self._tree_weight >= MIN_TREE_WEIGHT:
             self._tree_costs = coef[TREE_COSTS].copy()
         elif self._tree_costs is not None:
@@ -193,6 +228,31 @@ class StepCostModel:
             coef[TREE_COSTS] = self._tree_costs
         self._coef = coef
 
+    def _solve(self, knee: int) -> tuple[np.ndarray, float]:
+        """The fit with knee ``KNEES[knee]`` and its penalised residual.
+
+        A small ridge on all but the intercept, scaled by each feature's
+        own size (one scaled by the trace let prompt chunks of thousands of
+        tokens weigh on the others), keeps features that did not vary (no
+        tree steps yet) at zero instead of making the system singular; so a
+        batch size never seen costs what the sizes seen cost (a step's time
+        is its fixed cost until decode batches of several sizes tell the two
+        apart): an unknown batch below the knee is taken as fast, not slow,
+        so drafts do not look cheap there. ``h`` is drawn to
+        its prior (a prompt token's cost less a node's) with the weight of
+        one step of twice the knee's tokens: steps that barely pass the
+        knee do not tell it, and past the steps seen it is the prior."""
+        xtx, xty = self._xtx[knee], self._xty[knee]
+        ridge = np.diag(1e-6 * (np.diag(xtx) + 1.0))
+        ridge[0, 0] = 0.0
+        ridge[self.EXCESS, self.EXCESS] += float(KNEES[knee]) ** 2
+        prior = np.zeros(self.FEATURES)
+        base = self._coef[4] if self._tree_costs is not None else self._coef[3]
+        prior[self.EXCESS] = max(self._coef[5] - base, 0.0)
+        a, b = xtx + ridge, xty + ridge @ prior
+        coef = nonnegative_least_squares(a, b)
+        return coef, float(coef @ a @ coef - 2 * b @ coef + self._yty + prior @ ridge @ prior)
+
     @property
     def ready(self) -> bool:
         return self._steps >= MIN_STEPS
@@ -200,10 +260,11 @@ class StepCostModel:
     @property
     def coefficients(self) -> dict[str, float]:
         """The fit, in seconds: a, c (tree step), d (per tree), b_plain,
-        b_tree, b_prefill, and the median host overhead."""
-        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree", "b_prefill"),
+        b_tree, b_prefill, h (per token past the knee), the knee (tokens)
+        and the median host overhead."""
+        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree", "b_prefill", "h"),
                            map(float, self._coef))),
-                "overhead": self._overhead}
+                "knee": float(self.knee), "overhead": self._overhead}
 
     @property
     def draft_costs_known(self) -> bool:
@@ -212,10 +273,30 @@ class StepCostModel:
 
     @property
     def node_seconds(self) -> float:
-        """Marginal cost of one tree node; until steps with drafts measured
-        it, a plain or a prompt token's, whichever is dearer."""
+        """Marginal cost of one tree node below the knee; until steps with
+        drafts measured it, a plain or a prompt token's, whichever is
+        dearer."""
         return float(self._coef[4] if self.draft_costs_known else max(self._coef[3],
                                                                        self._coef[5]))
+
+    def nodes_seconds(self, n_requests: int, n_nodes: int) -> float:
+        """Mean cost of each of ``n_nodes`` nodes added to a decode step of
+        ``n_requests`` tokens (the first node's where ``n_nodes`` is 0):
+        ``node_seconds``, and ``h`` for those past the knee (a node priced
+        as a prompt token, before drafts are measured, is compute already)."""
+        n_nodes = max(n_nodes, 1)
+        past = (max(n_requests + n_nodes - self.knee, 0)
+                - max(n_requests - self.knee, 0)) / n_nodes
+        h = float(self._coef[self.EXCESS])
+        if self.draft_costs_known:
+            return float(self._coef[4]) + h * past
+        return max(float(self._coef[3]) + h * past, float(self._coef[5]))
+
+    @property
+    def nodes_per_tree(self) -> float:
+        """Nodes in a request's tree in recent steps (from one node, the
+        prior, worth one tree): what a step's trees are expected to hold."""
+        return float((self._trees[0] + 1.0) / (self._trees[1] + 1.0))
 
     @property
     def tree_step_seconds(self) -> float:
@@ -250,11 +331,14 @@ class StepCostModel:
                 return n_requests / seconds
         return self.tokens_per_second
 
-    def threshold(self, n_requests: int | None = None) -> float:
+    def threshold(self, n_requests: int | None = None, n_nodes: int = 0) -> float:
         """Acceptance probability a node needs to pay for itself in a step
-        of ``n_requests`` decoding requests (infinite until the fit is
-        trusted: no node is verified on a guess)."""
-        return self.node_seconds * self.decode_rate(n_requests) if self.ready else np.inf
+        of ``n_requests`` decoding requests holding ``n_nodes`` nodes
+        (infinite until the fit is trusted: no node is verified on a
+        guess)."""
+        if not self.ready:
+            return np.inf
+        return self.nodes_seconds(n_requests or 1, n_nodes) * self.decode_rate(n_requests)
 
     def fixed_cost_tokens(self, n_requests: int | None = None) -> float:
         """The fixed cost of a tree step, in tokens the engine would produce

@@ -195,9 +195,10 @@ class LookaheadProposer:
         return budget
 
     def _bar(self, n_requests: int) -> float:
-        """The acceptance probability a draft node needs this step (0 with
-        the static budget)."""
-        bar = self.cost.threshold(n_requests) if self.config.budget == "measured" else 0.0
+        """The acceptance probability a draft node needs this step, at the
+        nodes its trees are expected to hold (0 with the static budget)."""
+        bar = (self.cost.threshold(n_requests, round(n_requests * self.cost.nodes_per_tree))
+               if self.config.budget == "measured" else 0.0)
         self._threshold = bar
         return bar
 

@@ -130,7 +130,9 @@ class StagedDrafter:
         self.pool = NgramPool(
             max_requests=max_num_seqs, vocab_size=vocab_size, ngram=config.ngram,
             key_len=config.key_len, capacity=config.capacity, buckets=config.buckets,
-            ways=config.ways) if config.stage2 else None
+            ways=config.ways) if config.stage2 != "off" else None
+        # Stage 2 as lookahead decoding: Jacobi guesses besides the pool's.
+        self.jacobi = config.stage2 == "lookahead"
         # Per request: positions whose draft KV holds the verified tokens,
         # and the tokens fed after them (verified or not).
         self._valid: dict[str, int] = {}
@@ -139,6 +141,13 @@ class StagedDrafter:
         self._disabled: set[str] = set()
         self._warned: set[str] = set()
         self._fed: dict[str, np.ndarray] = {}
+        # Per request: the draft's last predictions past its verified tokens
+        # (first position, tokens, how many of them are its greedy chain):
+        # the next step's Jacobi guess.
+        self._leftover: dict[str, tuple[int, np.ndarray, int]] = {}
+        # Chain tokens found per guess, by source (pool, Jacobi): the
+        # likelier source guesses where both have one.
+        self.guess_yield = DecayedMean(np.ones(2))
         self._indexed: dict[str, int] = {}
         self._batch_req_ids: list[str] | None = None
         self._batch_trees = False
@@ -163,8 +172,9 @@ class StagedDrafter:
         self._reads = np.zeros(2)
         # steps, drafting requests, draft forwards, chain tokens, nodes,
         # chain tokens found by stage-2 guesses, steps with a draft, rows
-        # whose unread span was not worth reading
-        self.counters = np.zeros(8, dtype=np.int64)
+        # whose unread span was not worth reading, chain tokens found by
+        # Jacobi guesses (of those of stage 2)
+        self.counters = np.zeros(9, dtype=np.int64)
         # Seconds in draft forwards, and in the whole of ``draft``.
         self.seconds = np.zeros(2)
 
@@ -215,6 +225,7 @@ class StagedDrafter:
     def _drop(self, req_id: str) -> None:
         self._valid.pop(req_id, None)
         self._fed.pop(req_id, None)
+        self._leftover.pop(req_id, None)
         self._last.pop(req_id, None)
         if self._indexed.pop(req_id, None) is not None:
             self.pool.erase(req_id)
@@ -266,6 +277,32 @@ class StagedDrafter:
         out, counts = out[:, 0].numpy(), counts.numpy()
         return [out[i, :max(0, int(room[i]))].astype(np.int64) if counts[i] else empty
                 for i in range(len(req_ids))]
+
+    def _jacobi_guess(self, req_id: str, history: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The draft's predictions from its last forwards for the positions
+        past ``history`` (Jacobi iteration: predictions made past a token
+        that turned out wrong, or past the nodes the target was not given,
+        are the next guess), and whether they continue the very chain the
+        target accepted (its tokens are then the draft's greedy chain, not
+        a guess: the target verified fewer nodes than the draft found)."""
+        empty = np.zeros(0, dtype=np.int64)
+        start, tokens, chain = self._leftover.get(req_id, (len(history), empty, 0))
+        ahead = len(history) - start
+        if ahead < 0:
+            return empty, False
+        return tokens[ahead:], bool(ahead < chain
+                                    and (tokens[:ahead] == history[start:]).all())
+
+    def _pick_guess(self, pool: np.ndarray, jacobi: np.ndarray,
+                    exact: bool) -> tuple[np.ndarray, int]:
+        """The guess a draft forward verifies and its source (0 pool, 1
+        Jacobi): the draft's own chain where it is ``exact``, else, where
+        both have one, the source that found more chain tokens per guess
+        lately."""
+        if len(jacobi) and (exact or not len(pool)
+                            or self.guess_yield.value[1] > self.guess_yield.value[0]):
+            return jacobi, 1
+        return pool, 0
 
     # ------------------------------------------------------------------
     # Drafting.
@@ -321,7 +358,10 @@ class StagedDrafter:
             self.counters[0] += 1
             if self.counters[0] % STATS_EVERY_STEPS == 0:
                 self._log_stats()
-        self._bar = self.cost.threshold(decoding) if self.measured else 0.0
+        # A node's bar at the nodes the step's trees are expected to hold
+        # (past the target's knee, each costs a prompt token's compute).
+        self._bar = (self.cost.threshold(decoding, round(len(rows) * self.cost.nodes_per_tree))
+                     if self.measured else 0.0)
         if self.measured:
             rows = self._worth_reading(req_ids, rows, num_tokens, token_ids, decoding)
             rows = self._first_round_pays(rows, decoding)
@@ -405,7 +445,8 @@ class StagedDrafter:
         rate = self.cost.decode_rate(decoding)
         per_step = accepted - rate * (
             rounds * self.draft_cost.predict(USUAL_UNREAD * len(rows)) / len(rows)
-            + self.cost.tree_seconds + nodes * self.cost.node_seconds
+            + self.cost.tree_seconds
+            + nodes * self.cost.nodes_seconds(decoding, round(nodes * len(rows)))
             + self.cost.tree_step_seconds / len(rows))
         per_token = self._read_seconds() * rate
         kept = []
@@ -425,12 +466,17 @@ class StagedDrafter:
     def _read_seconds(self) -> float:
         """Seconds the draft takes to read one token of a long span; until
         it has read one, a target prompt token's scaled by the two models' fixed
-        costs per forward (both mostly the reading of their weights)."""
+        costs per forward (both mostly the reading of their weights), or
+        unscaled while the draft's forward is not timed (a scale of 0 then
+        made every prompt look free to read: a batch of 8 read 7 prompts
+        for drafts that did not pay)."""
         seconds, tokens = self._reads
         if tokens:
             return seconds / tokens
         target = self.cost.coefficients
-        ratio = min(1.0, self.draft_cost.coefficients[0] / target["a"]) if target["a"] > 0 else 1.0
+        ratio = 1.0
+        if self.draft_cost.known and target["a"] > 0:
+            ratio = min(1.0, self.draft_cost.coefficients[0] / target["a"])
         return max(target["b_plain"], target["b_prefill"]) * ratio
 
     def _first_round_pays(self, rows: list[int], decoding: int) -> list[int]:
@@ -526,6 +572,11 @@ class StagedDrafter:
             for i, h in zip(ids, histories):
                 self._indexed[i] = len(h)
         feed = [h[s:] for h, s in zip(histories, starts)]
+        jacobi, exact = [], np.zeros(len(chains), dtype=bool)
+        for j, (req_id, history) in enumerate(zip(ids, histories)):
+            guess, exact[j] = (self._jacobi_guess(req_id, history) if self.jacobi
+                               else (history[:0], False))
+            jacobi.append(guess)
         self._catch_up(ids, chains, starts, feed, self._timed(forward, fit=False))
         forward = self._timed(forward, fit=True)
         # First chain forward: the tokens the draft has not read, then a guess.
@@ -543,12 +594,18 @@ class StagedDrafter:
             guesses = self._guesses(
                 [ids[i] for i in active],
                 [np.concatenate([histories[i], chains[i].tokens]) for i in active], room)
+            picked = [self._pick_guess(g, jacobi[i][:max(0, int(r))], exact[i])
+                      for i, g, r in zip(active, guesses, room)]
+            exact[:] = False  # later rounds guess past the draft's own tokens
+            guesses = [g for g, _ in picked]
+            sources = [source for _, source in picked]
             inputs = [np.concatenate([feed[i], g]) for i, g in zip(active, guesses)]
             if self.measured and not first:
                 keep = self._next_round(chains, active, np.array([len(x) for x in inputs]),
                                         decoding)
                 kept = set(keep)
                 guesses = [g for i, g in zip(active, guesses) if i in kept]
+                sources = [x for i, x in zip(active, sources) if i in kept]
                 inputs = [x for i, x in zip(active, inputs) if i in kept]
                 active, batch = keep, [chains[i] for i in keep]
                 if not active:
@@ -569,7 +626,12 @@ class StagedDrafter:
                 hits = int(np.cumprod(guess == predicted[:len(guess)]).sum())
                 take = min(hits + 1, chain.max_len - len(chain.tokens))
                 self.counters[5] += take - 1
+                if len(guess):
+                    self.guess_yield.update(sources[j], take - 1, 1)
+                    self.counters[8] += (take - 1) * sources[j]
                 chain.extend(top_t[lo:lo + take], top_p[lo:lo + take])
+                if self.jacobi:
+                    jacobi[i] = predicted[take:].astype(np.int64)
                 self._record_fed(ids[i], int(starts[i]), inputs[j][:len(feed[i]) + hits])
                 starts[i] += len(feed[i]) + hits
                 feed[i] = np.asarray(chain.tokens[-1:], dtype=np.int64)
@@ -577,8 +639,11 @@ class StagedDrafter:
                     still.append(i)
             active = still
         self.yields.update(2, int(self.counters[2]) - rounds, 1)
-        for req_id, history in zip(ids, histories):
+        for req_id, history, chain, guess in zip(ids, histories, chains, jacobi):
             self._valid[req_id] = len(history)
+            if self.jacobi:
+                self._leftover[req_id] = (len(history), np.concatenate(
+                    [np.asarray(chain.tokens, dtype=np.int64), guess]), len(chain.tokens))
         if self.pool is not None:
             tails = [np.concatenate([h[-(self.config.ngram - 1):], c.tokens])
                      for h, c in zip(histories, chains)]
@@ -648,7 +713,7 @@ class StagedDrafter:
     # Stats.
 
     def stats(self) -> dict[str, float]:
-        steps, drafting, forwards, chain, nodes, guessed, drafted, unread = (
+        steps, drafting, forwards, chain, nodes, guessed, drafted, unread, jacobi = (
             int(x) for x in self.counters)
         return {
             "steps": steps,
@@ -670,6 +735,8 @@ class StagedDrafter:
             "draft_forward_seconds": float(self.seconds[0]),
             "drafter_seconds": float(self.seconds[1]),
             "stage2_tokens_per_request": guessed / drafting if drafting else 0.0,
+            "jacobi_tokens_per_request": jacobi / drafting if drafting else 0.0,
+            "tokens_per_guess": dict(zip(("pool", "jacobi"), self.guess_yield.value.tolist())),
         }
 
     def _log_stats(self) -> None:
