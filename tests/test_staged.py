@@ -369,6 +369,19 @@ def test_measured_budget_drafts_for_a_loaded_batch():
     assert produced / clock.t > 1.2 * 8 / 0.49
 
 
+def test_draft_round_costs_at_least_its_tokens_read():
+    """The draft's forward time is a line fitted through small rounds (weight
+    reads: 0.1 s whatever the tokens); a round of 64 tokens costs at least
+    what the draft measured per token reading long spans (10 ms), not the
+    line's 0.1 s."""
+    d = drafter(k=6, budget="measured")
+    for tokens in (2, 2, 3, 2, 4, 2):
+        d.draft_cost.observe(tokens, 0.1)
+    d._reads = np.array([10.0, 1000.0])
+    assert d._draft_seconds(2) == pytest.approx(0.1, rel=0.05)
+    assert d._draft_seconds(64) == pytest.approx(0.64, rel=0.01)
+
+
 def test_measured_budget_reads_a_prompt_only_where_it_pays():
     """Eight requests with 300-token prompts and a draft that reads a token
     in 2 ms (a prompt: 0.65 s, more than the 0.49 s target step of the
