@@ -16,7 +16,8 @@ def fit_costs(cost, threshold: float, step_tokens: float = 0.0, draft_tokens: fl
     from vllm_lookahead.proposers.budget import TREE_COSTS
 
     cost._steps, cost._tokens, cost._forward_seconds = 1000, 100.0, 1.0
-    cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100, 0.0, 0.0])
+    cost._coef = np.array([0.0, step_tokens / 100, draft_tokens / 100, 0.0, threshold / 100,
+                           0.0, 0.0])
     cost._tree_costs = cost._coef[TREE_COSTS]  # measured: no probing
     return cost
 

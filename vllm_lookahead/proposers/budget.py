@@ -30,9 +30,9 @@ tokens the engine produces in the time the node costs. ``threshold()`` is
 that bar, with T / t the fitted rate of a plain decode step of the current
 batch (prefill chunks left out) and the node's cost its mean over the nodes
 the step is expected to hold (past the knee, ``b_tree + h``); it rises with
-the batch and falls back as the load goes down. A request keeps its tree only if the tree's expected
-net gain beats ``d``, and a step keeps its trees only if their total net
-gain beats ``c``.
+the batch and falls back as the load goes down. A request keeps its tree
+only if the tree's expected net gain beats ``d``, and a step keeps its trees
+only if their total net gain beats ``c``.
 
 Until the fit has seen a few steps (``MIN_STEPS``) no draft is verified:
 the first steps (prefill, then plain decode) give the cost of a prompt
