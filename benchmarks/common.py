@@ -109,8 +109,9 @@ def staged_method(draft: str, k: int = 8, **staged: Any) -> Method:
     """The staged draft cascade: vLLM's draft_model method plus
     ``additional_config["staged"]``."""
     tree = staged.get("tree", True)
-    stage2 = staged.get("stage2", "ngram")
-    stage2 = {True: "ngram", False: "off"}.get(stage2, stage2)
+    from vllm_lookahead.config import StagedConfig
+
+    stage2 = StagedConfig(stage2=staged.get("stage2", StagedConfig.stage2)).stage2
     static = staged.get("budget") == "static"
     suffix = {"ngram": "", "lookahead": "-lookahead-stage2", "off": "-no-stage2"}[stage2]
     return Method(
