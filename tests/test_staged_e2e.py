@@ -99,7 +99,9 @@ def _run(model, draft, prompts, staged, monkeypatch):
 # benchmarks/: with the target drafting for itself a draft forward costs as
 # much as the token it may add, so it rightly drafts next to nothing).
 @pytest.mark.parametrize("staged", [{"tree": False, "budget": "static"},
-                                    {"tree": True, "budget": "static"}])
+                                    {"tree": True, "budget": "static"},
+                                    {"tree": False, "budget": "static",
+                                     "stage2": "lookahead"}])
 def test_copy_draft_is_exact_and_accepts_its_chains(smollm2, spec_bench_prompts,
                                                    reference, staged, monkeypatch):
     outputs, metrics, stats, penalised = _run(smollm2, smollm2, spec_bench_prompts,
@@ -115,6 +117,14 @@ def test_copy_draft_is_exact_and_accepts_its_chains(smollm2, spec_bench_prompts,
     assert accepted_per_draft >= 0.8 * stats["chain_tokens_per_request"]
     # Stage 2 found some of the chains' tokens.
     assert stats["stage2_tokens_per_request"] > 0
+    # Stage 2 "lookahead": guess trees in the draft's own attention; its
+    # chains are still the target's greedy tokens, all accepted (with the
+    # draft's tree rows left causal, 13 of 432 were not).
+    lookahead = staged.get("stage2") == "lookahead"
+    assert (stats["guess_tree_forwards"] > 0) == lookahead
+    if lookahead:
+        assert (metrics["vllm:spec_decode_num_accepted_tokens"]
+                >= 0.99 * metrics["vllm:spec_decode_num_draft_tokens"])
     if not staged["tree"]:
         assert stats["chain_tokens_per_request"] > K - 1
         # Without stage 2 a chain of K tokens takes K draft forwards.

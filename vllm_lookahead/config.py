@@ -206,17 +206,19 @@ class StagedConfig(_AdditionalConfig):
     children:   tokens of the draft's distribution considered at each depth
                 (the greedy one and children - 1 alternatives, tree mode).
     stage2:     speed up the draft itself: each draft forward also verifies
-                a guess of the draft's own greedy chain, so one forward can
+                guesses of the draft's own greedy chain, so one forward can
                 extend the chain by several tokens (the chain is unchanged:
-                exactly the draft's greedy tokens). "ngram" (or True): the
-                continuation of its last token in an n-gram pool of the
-                request's tokens and the draft's chains; "lookahead": that or
-                the draft's own Jacobi iteration (its predictions past a wrong
-                guess token, or past the nodes the target was not given last
-                step), whichever found more tokens per guess lately (one
-                window, no 2-D lookahead branch: on HumanEval up to 10% fewer
-                draft forwards than "ngram", not faster, README); "off" (or
-                False): none.
+                exactly the draft's greedy tokens). "ngram" (or True): one
+                guess, the continuation of its last token in an n-gram pool
+                of the request's tokens and the draft's chains; "lookahead":
+                lookahead decoding of the draft, a token tree of the draft's
+                own Jacobi iteration (its predictions past a wrong guess
+                token, or past the nodes the target was not given last step)
+                and up to ``guesses`` pool continuations, verified in the
+                draft forward by tree attention (a chain, the likelier of
+                the two, where the draft's attention has no tree adapter);
+                "off" (or False): none.
+    guesses:    pool continuations in a stage-2 "lookahead" guess tree.
     ngram, key_len, capacity, buckets, ways: the stage-2 pool, as in
                 ``additional_config["lookahead"]``.
     budget:     "measured": draft only what pays, per step and request: the
@@ -236,6 +238,7 @@ class StagedConfig(_AdditionalConfig):
     depth: int | None = None
     children: int = 4
     stage2: str | bool = "ngram"
+    guesses: int = 3
     ngram: int = 4
     key_len: int = 1
     capacity: int = 4
@@ -255,4 +258,5 @@ class StagedConfig(_AdditionalConfig):
         if self.depth is not None:
             self._integer("depth", 1)
         self._integer("children", 1)
+        self._integer("guesses", 1)
         self._pool_sizes()

@@ -71,6 +71,8 @@ USUAL_UNREAD = 2
 # Draft forwards over at least this many tokens time the draft's reading
 # of a span (its prefill rate, not its per-round cost).
 READ_SPAN = 32
+# Most nodes of a stage-2 guess tree.
+GUESS_NODES = 16
 
 
 class _Chain:
@@ -95,6 +97,63 @@ class _Chain:
             self.top_tokens.append(top)
             self.top_probs.append(p)
             self.path_prob *= float(p[0])
+
+
+class _Guess:
+    """A stage-2 guess of the draft's chain past a row's fed tokens: a trie
+    of candidate continuations, parent-first, the first candidate's nodes
+    first (so a chain is its own flat order)."""
+
+    def __init__(self, candidates: list[tuple[int, np.ndarray]], limit: int):
+        tokens: list[int] = []
+        parents: list[int] = []
+        self._child: dict[tuple[int, int], int] = {}
+        self.branches: list[tuple[int, list[int]]] = []  # (source, nodes) per candidate
+        for source, candidate in candidates:
+            node, nodes = -1, []
+            for token in candidate.tolist():
+                child = self._child.get((node, token))
+                if child is None:
+                    if len(tokens) >= limit:
+                        break
+                    child = self._child[(node, token)] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                nodes.append(child)
+                node = child
+            if nodes:
+                self.branches.append((source, nodes))
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+        self.parents = np.asarray(parents, dtype=np.int32)
+        self.is_chain = bool((self.parents == np.arange(-1, len(tokens) - 1)).all())
+
+    def walk(self, predicted: np.ndarray) -> list[int]:
+        """The nodes the draft's greedy tokens follow: ``predicted[0]`` its
+        token after the fed ones, ``predicted[1 + i]`` after node i."""
+        node, path = -1, []
+        while True:
+            child = self._child.get((node, int(predicted[0 if node < 0 else 1 + node])))
+            if child is None:
+                return path
+            path.append(child)
+            node = child
+
+    def branch_of(self, path: list[int]) -> tuple[int, list[int]] | None:
+        """The first candidate that holds ``path`` (or the first one)."""
+        for source, nodes in self.branches:
+            if nodes[:len(path)] == path:
+                return source, nodes
+        return self.branches[0] if self.branches else None
+
+    def found(self, path: list[int]) -> dict[int, int]:
+        """Per source that guessed: the most chain tokens one of its
+        candidates found."""
+        out: dict[int, int] = {}
+        for source, nodes in self.branches:
+            match = int(np.cumprod(np.asarray(nodes[:len(path)]) == path[:len(nodes)]).sum()
+                        ) if path else 0
+            out[source] = max(out.get(source, 0), match)
+        return out
 
 
 def _top_tokens(logits: torch.Tensor, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +190,11 @@ class StagedDrafter:
             max_requests=max_num_seqs, vocab_size=vocab_size, ngram=config.ngram,
             key_len=config.key_len, capacity=config.capacity, buckets=config.buckets,
             ways=config.ways) if config.stage2 != "off" else None
-        # Stage 2 as lookahead decoding: Jacobi guesses besides the pool's.
+        # Stage 2 as lookahead decoding: Jacobi guesses besides the pool's,
+        # in one guess tree per draft forward where the draft takes trees
+        # (the model runner clears ``wants_draft_trees`` where it cannot).
         self.jacobi = config.stage2 == "lookahead"
+        self.wants_draft_trees = self.jacobi
         # Per request: positions whose draft KV holds the verified tokens,
         # and the tokens fed after them (verified or not).
         self._valid: dict[str, int] = {}
@@ -173,8 +235,9 @@ class StagedDrafter:
         # steps, drafting requests, draft forwards, chain tokens, nodes,
         # chain tokens found by stage-2 guesses, steps with a draft, rows
         # whose unread span was not worth reading, chain tokens found by
-        # Jacobi guesses (of those of stage 2)
-        self.counters = np.zeros(9, dtype=np.int64)
+        # Jacobi guesses (of those of stage 2), draft forwards that verified
+        # a guess tree
+        self.counters = np.zeros(10, dtype=np.int64)
         # Seconds in draft forwards, and in the whole of ``draft``.
         self.seconds = np.zeros(2)
 
@@ -261,22 +324,21 @@ class StagedDrafter:
                                np.arange(len(todo)), np.zeros(len(todo), np.int64),
                                np.asarray([len(spans[i]) for i in todo]))
 
-    def _guesses(self, req_ids: list[str], tails: list[np.ndarray],
-                 room: np.ndarray) -> list[np.ndarray]:
-        """The pool's continuation of each tail (its last key_len tokens),
-        at most ``room`` tokens."""
-        empty = np.zeros(0, dtype=np.int64)
+    def _guesses(self, req_ids: list[str], tails: list[np.ndarray], room: np.ndarray,
+                 n: int = 1) -> list[list[np.ndarray]]:
+        """The pool's continuations of each tail (its last key_len tokens),
+        at most ``n`` of them (most recent first), ``room`` tokens each."""
         if self.pool is None or not len(req_ids):
-            return [empty] * len(req_ids)
+            return [[] for _ in req_ids]
         key_len = self.config.key_len
         keys = np.full((len(tails), key_len), -1, dtype=np.int32)
         for i, tail in enumerate(tails):
             take = min(key_len, len(tail))
             keys[i, key_len - take:] = tail[len(tail) - take:]
-        out, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), 1)
-        out, counts = out[:, 0].numpy(), counts.numpy()
-        return [out[i, :max(0, int(room[i]))].astype(np.int64) if counts[i] else empty
-                for i in range(len(req_ids))]
+        out, counts = self.pool.lookup(req_ids, torch.from_numpy(keys), n)
+        out, counts = out.numpy(), counts.numpy()
+        return [[out[i, g, :max(0, int(room[i]))].astype(np.int64)
+                 for g in range(int(counts[i]))] for i in range(len(req_ids))]
 
     def _jacobi_guess(self, req_id: str, history: np.ndarray) -> tuple[np.ndarray, bool]:
         """The draft's predictions from its last forwards for the positions
@@ -293,16 +355,28 @@ class StagedDrafter:
         return tokens[ahead:], bool(ahead < chain
                                     and (tokens[:ahead] == history[start:]).all())
 
-    def _pick_guess(self, pool: np.ndarray, jacobi: np.ndarray,
-                    exact: bool) -> tuple[np.ndarray, int]:
-        """The guess a draft forward verifies and its source (0 pool, 1
-        Jacobi): the draft's own chain where it is ``exact``, else, where
-        both have one, the source that found more chain tokens per guess
-        lately."""
-        if len(jacobi) and (exact or not len(pool)
-                            or self.guess_yield.value[1] > self.guess_yield.value[0]):
-            return jacobi, 1
-        return pool, 0
+    def _guess(self, pool: list[np.ndarray], jacobi: np.ndarray, exact: bool, tree: bool,
+               limit: int) -> _Guess:
+        """What a draft forward verifies past a row's fed tokens, at most
+        ``limit`` nodes: the draft's own chain where the Jacobi guess is
+        ``exact``; else with a guess ``tree``, the Jacobi guess and the
+        pool's continuations merged into one trie, the likelier source's
+        first (laid out first: where it is the chain, its KV is in place);
+        else one chain, the source that found more chain tokens per guess
+        lately (pool 0, Jacobi 1)."""
+        jacobi_first = len(jacobi) and (exact or not pool or self.guess_yield.value[1]
+                                        > self.guess_yield.value[0])
+        if exact and len(jacobi):
+            candidates = [(1, jacobi)]
+        elif tree:
+            candidates = [(0, p) for p in pool]
+            if len(jacobi):
+                candidates.insert(0 if jacobi_first else len(candidates), (1, jacobi))
+        elif jacobi_first:
+            candidates = [(1, jacobi)]
+        else:
+            candidates = [(0, pool[0])] if pool else []
+        return _Guess(candidates, limit)
 
     # ------------------------------------------------------------------
     # Drafting.
@@ -339,12 +413,12 @@ class StagedDrafter:
         started = self.clock()
         try:
             return self._draft(req_ids, sampled_token_ids, num_tokens, token_ids, capacity,
-                               forward)
+                               forward, self.wants_draft_trees and inputs.draft_model.trees)
         finally:
             self.seconds[1] += self.clock() - started
 
     def _draft(self, req_ids, sampled_token_ids, num_tokens, token_ids, capacity,
-               forward: DraftForward) -> Drafts:
+               forward: DraftForward, trees: bool) -> Drafts:
         self.timer.observe(sum(len(s) for s in sampled_token_ids))
         self._calibrate(req_ids, sampled_token_ids)
         drafts = Drafts.empty(len(sampled_token_ids))
@@ -373,7 +447,7 @@ class StagedDrafter:
             self.timer.drafted(0, 0)
             return drafts
         chains = self._chains(req_ids, rows, num_tokens, token_ids, capacity, forward,
-                              decoding)
+                              decoding, trees)
         layouts = [self._layout(chain) for chain in chains]
         for i in self._paying(layouts, decoding):
             tokens, parents, scores = layouts[i]
@@ -542,9 +616,9 @@ class StagedDrafter:
         """``forward``, its time taken out of the engine's host overhead and
         (``fit``) fitted by ``draft_cost``."""
 
-        def timed(rows, starts, tokens, num_logits):
+        def timed(rows, starts, tokens, num_logits, **trees):
             started = self.clock()
-            logits = forward(rows, starts, tokens, num_logits)
+            logits = forward(rows, starts, tokens, num_logits, **trees)
             if logits.is_cuda:
                 torch.cuda.synchronize(logits.device)
             seconds = self.clock() - started
@@ -560,9 +634,11 @@ class StagedDrafter:
         return timed
 
     def _chains(self, req_ids, rows, num_tokens, token_ids, capacity,
-                forward: DraftForward, decoding: int) -> list[_Chain]:
-        """Each row's greedy draft chain, stage 2 guessing ahead (with each
-        depth's likeliest alternatives where the batch's trees are verified)."""
+                forward: DraftForward, decoding: int, trees: bool = False) -> list[_Chain]:
+        """Each row's greedy draft chain, stage 2 guessing ahead (guess
+        trees where ``trees``: stage 2 "lookahead" on a draft that takes
+        them), with each depth's likeliest alternatives where the batch's
+        trees are verified."""
         children = self.children if self._batch_trees else 1
         ids = [req_ids[r] for r in rows]
         histories = [token_ids[r, :int(num_tokens[r])] for r in rows]
@@ -597,33 +673,38 @@ class StagedDrafter:
             # Chain tokens still to come, and positions with KV slots after
             # the last token fed.
             last = np.asarray([starts[i] + len(feed[i]) - 1 for i in active])
-            room = np.minimum(
-                np.asarray([c.max_len - len(c.tokens) - 1 for c in batch]),
-                np.asarray([c.capacity for c in batch]) - last - 1)
-            guesses = self._guesses(
+            slots = np.asarray([c.capacity for c in batch]) - last - 1
+            room = np.minimum(np.asarray([c.max_len - len(c.tokens) - 1 for c in batch]),
+                              slots)
+            pool = self._guesses(
                 [ids[i] for i in active],
-                [np.concatenate([histories[i], chains[i].tokens]) for i in active], room)
-            picked = [self._pick_guess(g, jacobi[i][:max(0, int(r))], exact[i])
-                      for i, g, r in zip(active, guesses, room)]
+                [np.concatenate([histories[i], chains[i].tokens]) for i in active], room,
+                self.config.guesses if trees else 1)
+            # A guess is at most ``room`` deep (a chain) or ``GUESS_NODES``
+            # nodes with KV slots (a tree).
+            guesses = [self._guess(p, jacobi[i][:max(0, int(r))], exact[i], trees,
+                                   max(0, min(int(r) if not trees else int(n), GUESS_NODES)))
+                       for i, p, r, n in zip(active, pool, room, slots)]
             exact[:] = False  # later rounds guess past the draft's own tokens
-            guesses = [g for g, _ in picked]
-            sources = [source for _, source in picked]
-            inputs = [np.concatenate([feed[i], g]) for i, g in zip(active, guesses)]
+            inputs = [np.concatenate([feed[i], g.tokens]) for i, g in zip(active, guesses)]
             if self.measured and not first:
                 keep = self._next_round(chains, active, np.array([len(x) for x in inputs]),
                                         decoding)
                 kept = set(keep)
                 guesses = [g for i, g in zip(active, guesses) if i in kept]
-                sources = [x for i, x in zip(active, sources) if i in kept]
                 inputs = [x for i, x in zip(active, inputs) if i in kept]
                 active, batch = keep, [chains[i] for i in keep]
                 if not active:
                     break
             first = False
-            num_logits = np.asarray([1 + len(g) for g in guesses])
+            num_logits = np.asarray([1 + len(g.tokens) for g in guesses])
+            parents = [None if g.is_chain else g.parents for g in guesses]
             logits = forward(np.asarray([c.row for c in batch]), starts[active],
-                             inputs, num_logits)
+                             inputs, num_logits,
+                             **({"parents": parents} if any(p is not None for p in parents)
+                                else {}))
             self.counters[2] += 1
+            self.counters[9] += any(p is not None for p in parents)
             top_t, top_p = _top_tokens(logits, children)
             offsets = np.concatenate([[0], np.cumsum(num_logits)])
             still = []
@@ -631,19 +712,28 @@ class StagedDrafter:
                 chain, guess = chains[i], guesses[j]
                 lo = offsets[j]
                 predicted = top_t[lo:offsets[j + 1], 0]
-                # Guess tokens equal to the draft's own argmax are the chain.
-                hits = int(np.cumprod(guess == predicted[:len(guess)]).sum())
+                # Guess nodes the draft's own argmax follows are the chain.
+                path = guess.walk(predicted)
+                hits = len(path)
                 take = min(hits + 1, chain.max_len - len(chain.tokens))
+                rows = lo + np.asarray([0] + [1 + n for n in path])[:take]
                 self.counters[5] += take - 1
-                if len(guess):
-                    self.guess_yield.update(sources[j], take - 1, 1)
-                    self.counters[8] += (take - 1) * sources[j]
-                chain.extend(top_t[lo:lo + take], top_p[lo:lo + take])
+                for source, found in guess.found(path).items():
+                    self.guess_yield.update(source, min(found, take - 1), 1)
+                branch = guess.branch_of(path)
+                if branch is not None and branch[0] == 1:
+                    self.counters[8] += take - 1
+                chain.extend(top_t[rows], top_p[rows])
                 if self.jacobi:
-                    jacobi[i] = predicted[take:].astype(np.int64)
-                self._record_fed(ids[i], int(starts[i]), inputs[j][:len(feed[i]) + hits])
-                starts[i] += len(feed[i]) + hits
-                feed[i] = np.asarray(chain.tokens[-1:], dtype=np.int64)
+                    along = [0] + [1 + n for n in branch[1]] if branch else [0]
+                    jacobi[i] = predicted[along][take:].astype(np.int64)
+                # The path's KV is in place where it is the first candidate's
+                # start; else its tokens are fed again with the next round.
+                kept = min(hits, take - 1) if path == list(range(hits)) else 0
+                self._record_fed(ids[i], int(starts[i]), inputs[j][:len(feed[i]) + kept])
+                starts[i] += len(feed[i]) + kept
+                feed[i] = np.asarray(chain.tokens[len(chain.tokens) - take + kept:],
+                                     dtype=np.int64)
                 if not self._stop(chain, starts[i], children):
                     still.append(i)
             active = still
@@ -722,8 +812,8 @@ class StagedDrafter:
     # Stats.
 
     def stats(self) -> dict[str, float]:
-        steps, drafting, forwards, chain, nodes, guessed, drafted, unread, jacobi = (
-            int(x) for x in self.counters)
+        (steps, drafting, forwards, chain, nodes, guessed, drafted, unread, jacobi,
+         tree_forwards) = (int(x) for x in self.counters)
         return {
             "steps": steps,
             "drafting_steps": drafted,
@@ -745,6 +835,7 @@ class StagedDrafter:
             "drafter_seconds": float(self.seconds[1]),
             "stage2_tokens_per_request": guessed / drafting if drafting else 0.0,
             "jacobi_tokens_per_request": jacobi / drafting if drafting else 0.0,
+            "guess_tree_forwards": tree_forwards,
             "tokens_per_guess": dict(zip(("pool", "jacobi"), self.guess_yield.value.tolist())),
         }
 

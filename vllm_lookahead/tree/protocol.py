@@ -20,16 +20,29 @@ Nothing passes between them through attributes or module state.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
-# A causal forward of the draft model (staged cascade): rows, start
-# positions, tokens per row, logits rows wanted per row -> logits.
-DraftForward = Callable[[np.ndarray, np.ndarray, list[np.ndarray], np.ndarray], torch.Tensor]
+
+class DraftForward(Protocol):
+    """A forward of the draft model over its KV cache (staged cascade)."""
+
+    def __call__(self, rows: np.ndarray, starts: np.ndarray, tokens: list[np.ndarray],
+                 num_logits: np.ndarray,
+                 parents: list[np.ndarray | None] | None = None) -> torch.Tensor:
+        """Feed ``tokens[i]`` to batch row ``rows[i]`` from position
+        ``starts[i]`` (KV to the slots of positions ``starts[i]`` on) and
+        return the logits of each row's last ``num_logits[i]`` tokens,
+        concatenated. ``parents[i]`` (only where ``DraftModel.trees``): the
+        last ``len(parents[i])`` tokens of row i are a token tree, each
+        node's parent a tree-local index (-1: the token before the tree);
+        a node attends to the tokens before the tree and its ancestors and
+        sits at that token's position plus its depth (its KV still goes to
+        the slot of its index in ``tokens[i]``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,8 @@ class DraftModel:
 
     kv_capacity: np.ndarray  # int64 [rows]
     forward: DraftForward
+    # Whether ``forward`` takes token trees (tree attention in the draft).
+    trees: bool = False
 
 
 @dataclass(frozen=True)

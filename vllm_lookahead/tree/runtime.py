@@ -30,6 +30,7 @@ tensors and plain values.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class TreeStep:
     block_table: torch.Tensor  # int32 [T, max_blocks] (device)
     kv_caches: list[torch.Tensor]
     adapter: KVLayoutAdapter | None = None  # set by the first attention layer
+    # Whose forward this is: the target's verification step, or a draft
+    # forward over a guess tree (staged cascade): each is self-checked once.
+    model: str = "target"
 
     @property
     def has_trees(self) -> bool:
@@ -146,7 +150,8 @@ class TreeRuntime:
         self._step: TreeStep | None = None
         # Seeds drawn for unseeded sampled requests, kept while they run.
         self._seeds: dict[str, int] = {}
-        self.self_checked = False
+        # The models ("target", "draft") whose tree rows were self-checked.
+        self._checked: set[str] = set()
         # Whether the model runner gave every attention layer this runtime.
         self.layers_bound = False
 
@@ -170,6 +175,47 @@ class TreeRuntime:
     @property
     def current(self) -> TreeStep | None:
         return self._step
+
+    @property
+    def self_checked(self) -> bool:
+        """Whether the target's tree rows were self-checked."""
+        return "target" in self._checked
+
+    @contextlib.contextmanager
+    def draft_tree_forward(self, rows: np.ndarray, parents: list[np.ndarray],
+                           node_rows: np.ndarray, prefix_lens: np.ndarray,
+                           node_slots: torch.Tensor, block_table: torch.Tensor):
+        """Tree rows for the attention layers of one draft forward (staged
+        cascade, stage 2): per request ``rows[t]`` with a guess tree,
+        ``parents[t]`` (request-local, -1: a child of the token at position
+        ``prefix_lens[t] - 1``), the forward's token index of each node
+        (``node_rows``) and the KV slot it writes (``node_slots``);
+        ``block_table`` [T, max_blocks] of those requests. Only between
+        target steps (the drafter runs after verification)."""
+        if self._step is not None:
+            raise TreeRuntimeError("a draft tree forward inside a target tree step")
+        sizes = np.asarray([len(p) for p in parents], dtype=np.int64)
+        cu = np.zeros(len(sizes) + 1, dtype=np.int64)
+        cu[1:] = np.cumsum(sizes)
+        parents_np = (np.concatenate(parents).astype(np.int32) if len(parents)
+                      else np.zeros(0, np.int32))
+        masks = ops.tree_ancestor_masks(torch.from_numpy(parents_np), _int32(cu))
+        device = block_table.device
+        self._step = TreeStep(
+            req_ids=[], root_positions=np.asarray(prefix_lens, np.int64) - 1,
+            sampling=BatchSampling.all_greedy(len(rows)),
+            batch_rows=np.asarray(rows, dtype=np.int64), parents=parents_np,
+            depths=_depths(masks), cu_nodes=_int32(cu).to(device), cu_nodes_cpu=cu,
+            masks=masks.to(device),
+            node_rows=torch.from_numpy(np.asarray(node_rows, np.int64)).to(device),
+            node_slots=node_slots.to(torch.int64).cpu().numpy(),
+            prefix_lens=_int32(prefix_lens).to(device),
+            block_table=block_table.to(torch.int32).contiguous(), kv_caches=[],
+            model="draft")
+        try:
+            yield self._step
+        finally:
+            self._step = None
 
     def end_step(self) -> None:
         self._step = None
@@ -277,7 +323,7 @@ class TreeRuntime:
         q, k, v = query[rows], key[rows], value[rows]
         result = adapter.attend(q, k, v, kv_cache, step.block_table, step.prefix_lens,
                                 step.cu_nodes, step.masks, scale)
-        if not self.self_checked:
+        if step.model not in self._checked:
             self._self_check(adapter, step, q, k, v, kv_cache, scale, result)
         output.view(output.shape[0], -1)[rows] = result.view(len(rows), -1).to(output.dtype)
 
@@ -307,9 +353,10 @@ class TreeRuntime:
         if not error <= tolerance * scale_ref:
             raise TreeRuntimeError(
                 f"tree speculation self-check failed on {q.device}: {adapter.name} tree "
-                f"attention differs from the reference by {error:.3g} (tolerance "
+                f"attention of the {step.model} model differs from the reference by "
+                f"{error:.3g} (tolerance "
                 f"{tolerance * scale_ref:.3g}, {q.dtype}); stopping before a wrong token")
-        self.self_checked = True
+        self._checked.add(step.model)
 
     # ------------------------------------------------------------------
     # Acceptance.

@@ -4,6 +4,7 @@ and owning its KV cache, and a causal forward over that draft."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_lookahead.config import StagedConfig
 from vllm_lookahead.tree.protocol import DraftForward, DraftModel
+from vllm_lookahead.tree.runtime import TreeRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -41,33 +43,57 @@ def make_staged_drafter(runner: Any) -> Any:
     return staged
 
 
-def draft_model(runner: Any, num_reqs: int) -> DraftModel:
-    """The draft model of vLLM's draft-model proposer for the batch's rows."""
+def draft_model(runner: Any, num_reqs: int, runtime: TreeRuntime | None = None) -> DraftModel:
+    """The draft model of vLLM's draft-model proposer for the batch's rows;
+    it takes token trees where ``runtime`` (the runner's tree runtime, its
+    attention layers bound to it) gives the draft's attention tree rows."""
     drafter = runner.drafter
     table = runner.input_batch.block_table[drafter.kv_cache_gid]
     capacity = table.num_blocks_per_row[:num_reqs].astype(np.int64) * table.block_size
-    return DraftModel(kv_capacity=capacity,
+    return DraftModel(kv_capacity=capacity, trees=runtime is not None,
                       forward=_draft_forward(drafter, table.get_device_tensor(num_reqs),
-                                             table.block_size))
+                                             table.block_size, runtime))
 
 
-def _draft_forward(drafter: Any, block_table: torch.Tensor, block_size: int) -> DraftForward:
-    """A causal forward of several tokens per request over vLLM's draft
-    model, writing their KV to the draft layers' slots (the request's own
-    blocks, shared with the target)."""
+def _tree_positions(parents: np.ndarray) -> np.ndarray:
+    """Depth of each node of a parent-first tree (1 for a child of the
+    token before it)."""
+    depth = np.zeros(len(parents), dtype=np.int64)
+    for i, p in enumerate(parents):
+        depth[i] = 1 + (depth[p] if p >= 0 else 0)
+    return depth
+
+
+def _draft_forward(drafter: Any, block_table: torch.Tensor, block_size: int,
+                   runtime: TreeRuntime | None) -> DraftForward:
+    """A forward of several tokens per request over vLLM's draft model,
+    writing their KV to the draft layers' slots (the request's own blocks,
+    shared with the target): causal, and where given, a token tree at the
+    end of a row, whose rows the tree runtime recomputes in every draft
+    attention layer (``DraftForward``)."""
     device = block_table.device
 
     def forward(rows: np.ndarray, starts: np.ndarray, tokens: list[np.ndarray],
-                num_logits: np.ndarray) -> torch.Tensor:
+                num_logits: np.ndarray,
+                parents: list[np.ndarray | None] | None = None) -> torch.Tensor:
         q = np.asarray([len(t) for t in tokens], dtype=np.int64)
         cu = np.zeros(len(q) + 1, dtype=np.int32)
         cu[1:] = np.cumsum(q)
-        positions = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, q)])
+        flat = [np.arange(s, s + n) for s, n in zip(starts, q)]
+        positions = [f.copy() for f in flat]
+        trees = [] if parents is None else [
+            (i, p) for i, p in enumerate(parents) if p is not None and len(p)]
+        if trees and runtime is None:
+            raise ValueError("this draft forward takes no token trees")
+        for i, p in trees:
+            first = q[i] - len(p)
+            positions[i][first:] = starts[i] + first - 1 + _tree_positions(p)
         owner = np.repeat(np.arange(len(q)), q)
         table = block_table[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(device)]
-        pos = torch.from_numpy(positions).to(device)
-        slots = (table[torch.from_numpy(owner).to(device), pos // block_size].to(torch.int64)
-                 * block_size + pos % block_size)
+        slot_pos = torch.from_numpy(np.concatenate(flat)).to(device)
+        pos = torch.from_numpy(np.concatenate(positions)).to(device)
+        slots = (table[torch.from_numpy(owner).to(device), slot_pos // block_size]
+                 .to(torch.int64) * block_size + slot_pos % block_size)
         seq_lens = torch.from_numpy((np.asarray(starts) + q).astype(np.int32))
         query_start = torch.from_numpy(cu)
         metadata = CommonAttentionMetadata(
@@ -78,9 +104,19 @@ def _draft_forward(drafter: Any, block_table: torch.Tensor, block_size: int) -> 
             seq_lens_cpu_upper_bound=seq_lens)
         _, per_layer = drafter.build_per_group_and_layer_attn_metadata(metadata)
         input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int32)).to(device)
-        with set_forward_context(per_layer, drafter.vllm_config, num_tokens=int(cu[-1]),
-                                 slot_mapping=dict.fromkeys(per_layer, slots)):
-            hidden = drafter.model(input_ids=input_ids, positions=pos)
+        with contextlib.ExitStack() as stack:
+            if trees:
+                index = np.asarray([i for i, _ in trees])
+                node_rows = np.concatenate([np.arange(cu[i + 1] - len(p), cu[i + 1])
+                                            for i, p in trees])
+                stack.enter_context(runtime.draft_tree_forward(
+                    rows=index, parents=[p for _, p in trees], node_rows=node_rows,
+                    prefix_lens=np.asarray([starts[i] + q[i] - len(p) for i, p in trees]),
+                    node_slots=slots[torch.from_numpy(node_rows).to(device)],
+                    block_table=table[torch.from_numpy(index).to(device)]))
+            with set_forward_context(per_layer, drafter.vllm_config, num_tokens=int(cu[-1]),
+                                     slot_mapping=dict.fromkeys(per_layer, slots)):
+                hidden = drafter.model(input_ids=input_ids, positions=pos)
         if drafter.model_returns_tuple():
             hidden = hidden[0]
         wanted = np.concatenate([np.arange(e - n, e) for e, n in zip(cu[1:], num_logits)])

@@ -3,6 +3,7 @@ tree runtime, which the runner owns (one per runner)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +16,7 @@ from vllm_lookahead.tree.runtime import TreeRuntime, raw_argmax_is_greedy, tree_
 from vllm_lookahead.vllm import Patch, draft_model
 from vllm_lookahead.vllm.attention import TreeAttention
 
-
-
+logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunnerSpeculation:
     """What this package adds to a model runner (kept in its instance dict,
@@ -90,6 +90,26 @@ def _bind_attention_layers(runner: Any, runtime: TreeRuntime) -> None:
         impl.tree_runtime = runtime
 
 
+def _draft_tree_runtime(runner: Any) -> TreeRuntime | None:
+    """The runtime, its attention layers bound, where the staged drafter
+    verifies guess trees with the draft (stage 2 "lookahead"); None where
+    it does not, or where an attention layer has no tree adapter (the
+    drafter then guesses chains)."""
+    state = RunnerSpeculation.of(runner)
+    runtime = state.runtime
+    if not state.staged or not state.drafter.wants_draft_trees or runtime is None:
+        return None
+    if not runtime.layers_bound:
+        try:
+            _bind_attention_layers(runner, runtime)
+        except NotImplementedError as e:
+            state.drafter.wants_draft_trees = False
+            logger.warning("vllm_lookahead: stage 2 guesses chains, not trees: %s", e)
+            return None
+        runtime.layers_bound = True
+    return runtime
+
+
 class GPUModelRunnerPatch(Patch):
     """Tells a TreeDrafter its batch (``bind_batch``: rows are reordered as
     requests join and leave, and vLLM's custom-class ``propose`` receives rows
@@ -131,7 +151,7 @@ class GPUModelRunnerPatch(Patch):
             sampled_token_ids=sampled_token_ids,
             num_tokens=batch.num_tokens_no_spec[:num_reqs],
             token_ids=batch.token_ids_cpu,
-            draft_model=(draft_model.draft_model(self, num_reqs)
+            draft_model=(draft_model.draft_model(self, num_reqs, _draft_tree_runtime(self))
                          if RunnerSpeculation.of(self).staged else None)))
         return tree_runtime(self).set_drafts(req_ids, drafts)
 
