@@ -272,3 +272,35 @@ def test_predictions_are_the_top_k_of_every_row():
     runtime = TreeRuntime(quiet)
     runtime.observe_sampled_step(logits, inputs)
     assert quiet.predictions == [] and runtime.predictions(logits, inputs) is None
+
+
+def test_draft_tree_forward_gives_the_draft_layers_tree_rows():
+    """Stage 2 of the staged cascade: one draft forward with a guess tree
+    gets the same tree rows as a target step (prefix plus ancestors), its
+    own self-check, and no step outside the ``with``; never inside a
+    target step."""
+    adapter = CpuVecAdapter()
+    runtime = TreeRuntime(RecordingDrafter())
+    batch = Batch(adapter, **TREE)
+    rows = batch.node_rows[0]
+    with runtime.draft_tree_forward(
+            rows=np.array([0]), parents=[np.array(TREE["tree_parents"])], node_rows=rows,
+            prefix_lens=np.array([22]), node_slots=batch.slot_mapping[torch.from_numpy(rows)],
+            block_table=batch.block_table[:1]) as step:
+        assert runtime.current is step and step.model == "draft"
+        assert step.depths.tolist() == [1, 2, 1, 2]
+        out = batch.attend(runtime)
+    assert runtime.current is None
+    assert "draft" in runtime._checked and not runtime.self_checked
+    key_cache, value_cache = adapter.cache_views(batch.kv_caches[-1])
+    want = reference.tree_attention(
+        batch.query[rows], batch.keys[-1][rows], batch.values[-1][rows], key_cache,
+        value_cache, batch.block_table[:1], torch.tensor([22], dtype=torch.int32),
+        torch.tensor([0, 4], dtype=torch.int32), step.masks, D ** -0.5)
+    torch.testing.assert_close(out[torch.from_numpy(rows)], want, atol=1e-5, rtol=1e-5)
+    batch.begin(runtime)
+    with pytest.raises(TreeRuntimeError, match="inside a target tree step"):
+        with runtime.draft_tree_forward(np.array([0]), [np.array([-1])], rows[:1],
+                                        np.array([22]), batch.slot_mapping[:1],
+                                        batch.block_table[:1]):
+            pass

@@ -210,6 +210,27 @@ def test_guess_trees_save_draft_forwards():
     assert runs[True][1] < 0.8 * runs[False][1]
 
 
+def test_guess_trees_only_while_the_draft_forward_stays_cheap():
+    """Measured budget: a round verifies guess trees while they at most
+    double its time (a draft forward of 0.1 s plus 6 ms a token: one row's
+    tree of 16 nodes, not eight rows' trees), and one row's trees only
+    before the draft's forward is timed."""
+    from vllm_lookahead.proposers.staged import _Guess
+
+    d = drafter(k=8, tree=False, stage2="lookahead", budget="measured")
+    chain = _Guess([(0, np.arange(3))], 3)
+    tree = _Guess([(0, np.arange(3)), (0, np.arange(3, 6)), (0, np.arange(6, 9)),
+                   (1, np.arange(9, 16))], 16)
+    assert len(tree.tokens) == 16 and not tree.is_chain and chain.is_chain
+    assert d._trees_pay(1, [chain], [tree])
+    assert not d._trees_pay(2, [chain] * 2, [tree] * 2)
+    for tokens in (1, 4, 16, 64):
+        d.draft_cost.observe(tokens, 0.1 + 0.006 * tokens)
+    d._reads[:] = (0.006 * 512, 512)
+    assert d._trees_pay(1, [chain], [tree])
+    assert not d._trees_pay(8, [chain] * 8, [tree] * 8)
+
+
 def test_tree_layout():
     """Chain first, then alternatives (children of the chain node above,
     never the chain's own token), at most k nodes; a flat draft branches, a

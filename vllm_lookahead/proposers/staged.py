@@ -612,6 +612,20 @@ class StagedDrafter:
             return []
         return kept
 
+    def _trees_pay(self, fed: int, chains: list[_Guess], trees: list[_Guess]) -> bool:
+        """Whether a round verifies guess trees rather than one guess chain
+        per row: while the trees at most double the round's time (the
+        draft's forward still mostly the reading of its weights: a batch of
+        one on this CPU, far larger batches on a GPU), or, before the
+        draft's forward is timed, for a round of one row."""
+        if not self.measured:
+            return True
+        if not self.draft_cost.known:
+            return len(trees) == 1
+        chain_tokens = fed + sum(len(g.tokens) for g in chains)
+        tree_tokens = fed + sum(len(g.tokens) for g in trees)
+        return self._draft_seconds(tree_tokens) <= 2 * self._draft_seconds(chain_tokens)
+
     def _timed(self, forward: DraftForward, fit: bool) -> DraftForward:
         """``forward``, its time taken out of the engine's host overhead and
         (``fit``) fitted by ``draft_cost``."""
@@ -682,9 +696,15 @@ class StagedDrafter:
                 self.config.guesses if trees else 1)
             # A guess is at most ``room`` deep (a chain) or ``GUESS_NODES``
             # nodes with KV slots (a tree).
-            guesses = [self._guess(p, jacobi[i][:max(0, int(r))], exact[i], trees,
-                                   max(0, min(int(r) if not trees else int(n), GUESS_NODES)))
-                       for i, p, r, n in zip(active, pool, room, slots)]
+            guesses = [self._guess(p[:1], jacobi[i][:max(0, int(r))], exact[i], False,
+                                   max(0, int(r)))
+                       for i, p, r in zip(active, pool, room)]
+            if trees:
+                tree_guesses = [self._guess(p, jacobi[i][:max(0, int(r))], exact[i], True,
+                                            max(0, min(int(n), GUESS_NODES)))
+                                for i, p, r, n in zip(active, pool, room, slots)]
+                if self._trees_pay(sum(len(feed[i]) for i in active), guesses, tree_guesses):
+                    guesses = tree_guesses
             exact[:] = False  # later rounds guess past the draft's own tokens
             inputs = [np.concatenate([feed[i], g.tokens]) for i, g in zip(active, guesses)]
             if self.measured and not first:
