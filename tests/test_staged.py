@@ -27,6 +27,7 @@ class ToyDraft:
         self.kv = {}
         self.max_len = max_len
         self.forwards = 0
+        self.tree_forwards = 0
 
     def next_logits(self, prev2: int, prev1: int) -> torch.Tensor:
         return self.logits[prev2, prev1]
@@ -43,7 +44,7 @@ class ToyDraft:
         node reads its parent: a drafter that later trusts a tree node's
         KV off the greedy path reads a wrong token."""
         self.forwards += 1
-        self.tree_forwards = getattr(self, "tree_forwards", 0) + (parents is not None)
+        self.tree_forwards += parents is not None
         out = []
         for i, (row, start, toks, n) in enumerate(zip(rows, starts, tokens, num_logits)):
             tree = parents[i] if parents is not None and parents[i] is not None else []
@@ -113,7 +114,7 @@ def test_chain_is_the_drafts_greedy_chain(stage2, draft_trees, target_seed):
         accepted = int(np.cumprod(np.equal(truth[:-1], draft)).sum())
         history += truth[:accepted + 1]
     # Guess trees were verified (the test must not pass by guessing chains).
-    assert (getattr(model, "tree_forwards", 0) > 0) == draft_trees
+    assert (model.tree_forwards > 0) == draft_trees
     assert (d.stats()["guess_tree_forwards"] > 0) == draft_trees
 
 
