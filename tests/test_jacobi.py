@@ -207,17 +207,19 @@ def test_step_cost_fit_recovers_costs_and_ignores_idle_gaps():
         cost.observe(n_plain, n_tree, n_trees, forward,
                      forward + 0.02 + 30.0 * (step % 50 == 7), produced=8)
     assert cost.ready
-    assert cost.node_seconds == pytest.approx(0.005, rel=1e-3)
-    assert cost.tree_seconds == pytest.approx(0.003, rel=3e-2)
-    assert cost.tree_step_seconds == pytest.approx(0.01, rel=1e-2)
+    # (The ridge that draws the fixed tree costs to zero, TREE_RIDGE,
+    # shrinks them a few percent.)
+    assert cost.node_seconds == pytest.approx(0.005, rel=1e-2)
+    assert cost.tree_seconds == pytest.approx(0.003, rel=5e-2)
+    assert cost.tree_step_seconds == pytest.approx(0.01, rel=0.1)
     assert cost.overhead_seconds == pytest.approx(0.02)
     # A node must be accepted more often than the tokens produced meanwhile.
-    assert cost.threshold() == pytest.approx(0.005 * cost.tokens_per_second, rel=1e-3)
+    assert cost.threshold() == pytest.approx(0.005 * cost.tokens_per_second, rel=1e-2)
     assert 8 / 0.4 < cost.tokens_per_second < 8 / 0.07
     # The bar for a batch of 8 decoding requests: the fitted plain step of 8
     # tokens plus the host overhead.
     assert cost.decode_rate(8) == pytest.approx(8 / (0.05 + 8 * 0.002 + 0.02), rel=1e-2)
-    assert cost.threshold(8) == pytest.approx(0.005 * cost.decode_rate(8), rel=1e-3)
+    assert cost.threshold(8) == pytest.approx(0.005 * cost.decode_rate(8), rel=1e-2)
 
 
 def test_step_cost_fit_prices_prompt_tokens_apart():

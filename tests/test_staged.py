@@ -323,10 +323,11 @@ class TimedToy(ToyDraft):
 
 
 def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requests=1,
-          prompt_len=16, max_tokens=None):
+          prompt_len=16, max_tokens=None, knee=(0, 0.0)):
     """``requests`` requests (``prompt_len`` prompt tokens, ``max_tokens``
     told to the drafter) through ``steps`` simulated engine steps: each
-    target forward of n tokens takes a + b * n seconds and accepts each
+    target forward of n tokens takes a + b * n seconds (``step_seconds``),
+    and h more per token past m (``knee`` = (m, h)), and accepts each
     request's draft nodes along the target's greedy path (``target``'s).
     Checks that every draft's chain is the draft model's greedy chain;
     returns per step the draft nodes and draft forwards (summed over
@@ -344,7 +345,8 @@ def serve(d, model, target, clock, steps, trees, step_seconds=(0.1, 0.001), requ
         # step's fixed cost from a token's).
         scheduled = (sum(map(len, histories)) if step == 0
                      else sum(1 + len(p) for p, _ in pending))
-        clock.t += step_seconds[0] + step_seconds[1] * scheduled
+        clock.t += (step_seconds[0] + step_seconds[1] * scheduled
+                    + knee[1] * max(scheduled - knee[0], 0) * (step > 0))
         for i, (draft, parents) in enumerate(pending):
             node, new[i] = -1, []
             while True:  # the target verifies the last draft (or none)
@@ -436,6 +438,25 @@ def test_measured_budget_drafts_for_a_loaded_batch():
     assert produced / clock.t > 1.2 * 8 / 0.49
 
 
+def test_measured_budget_drafts_a_loaded_batch_past_the_knee():
+    """Eight requests; the target's step costs 0.49 s plain and 24 ms more
+    per token past 8 (its compute), a draft round 0.12 s + 7 ms a token: a
+    perfect draft's chains of 6 pay (about 20 tokens/s against plain's 16).
+    Every drafting step has 8 trees of about the same size, so the fit
+    cannot tell a tree's cost from its nodes'; it once put it all on the
+    tree (0.16 s each), the first node then never paid for it, and a batch
+    of 8 on Qwen 1.5B / 0.5B stopped drafting after a few steps."""
+    clock = Clock()
+    model = TimedToy(clock, 0.12, per_token=0.007, seed=0, sharpness=8.0)
+    d = drafter(k=6, clock=clock, budget="measured", tree=False, stage2=False)
+    log, histories = serve(d, model, ToyDraft(seed=0, sharpness=8.0), clock, 120, False,
+                           step_seconds=(0.45, 0.005), requests=8, knee=(8, 0.024))
+    late = log[30:]
+    assert (late[:, 0] > 0).mean() > 0.9, late
+    produced = sum(len(h) - 16 for h in histories)
+    assert produced / clock.t > 1.1 * 8 / 0.49
+
+
 def test_draft_round_costs_at_least_its_tokens_read():
     """The draft's forward time is a line fitted through small rounds (weight
     reads: 0.1 s whatever the tokens); a round of 64 tokens costs at least
@@ -447,6 +468,23 @@ def test_draft_round_costs_at_least_its_tokens_read():
     d._reads = np.array([10.0, 1000.0])
     assert d._draft_seconds(2) == pytest.approx(0.1, rel=0.05)
     assert d._draft_seconds(64) == pytest.approx(0.64, rel=0.01)
+
+
+def test_a_forgotten_draft_cost_is_not_refitted_from_one_catch_up_read():
+    """Drafting paused long enough that the draft's cost is probed again;
+    the first forward measured afresh reads 200 tokens left unread meanwhile
+    (0.12 s + 7 ms a token): a usual round of 16 tokens is still priced
+    near its 0.23 s, not as a 1.5 s forward."""
+    from vllm_lookahead.proposers.budget import DraftCostModel
+
+    cost = DraftCostModel()
+    for tokens in (2, 8, 16, 4, 8, 12, 2, 16) * 4:
+        cost.observe(tokens, 0.12 + 0.007 * tokens)
+    cost.forget()
+    assert not cost.known and cost.predict(16) == 0.0  # probed again
+    cost.observe(200, 0.12 + 0.007 * 200)
+    assert cost.known
+    assert cost.predict(16) == pytest.approx(0.12 + 0.007 * 16, rel=0.2)
 
 
 def test_measured_budget_reads_a_prompt_only_where_it_pays():

@@ -78,6 +78,15 @@ EXPLORATION = 0.15
 # Decayed count of recent tree steps below which the fit cannot tell the
 # tree costs (c, d, b_tree) and keeps their last estimates.
 MIN_TREE_WEIGHT = 4.0
+# Relative ridge per feature of the step-time fit (1, has trees, n_trees,
+# n_plain, n_tree, n_prefill, past the knee): the fixed costs of a tree step
+# and of each tree are drawn to zero harder than the per-token costs. At
+# one batch size every drafting step holds about as many trees of about the
+# same size, so the fit cannot tell them from their nodes' cost; the extra
+# time then went to the trees (0.16 s each at batch 8 on Qwen 1.5B, where it
+# is 24 ms a node past the knee), no first node paid for its tree, and the
+# batch stopped drafting drafts that paid. It is compute: a node's.
+TREE_RIDGE = np.array([0.0, 1e-2, 1e-2, 1e-6, 1e-6, 1e-6, 1e-6])
 TREE_COSTS = [1, 2, 4]  # c, d, b_tree in the fit's coefficients
 # Drafts per step while their costs are not measured yet (the best ones by
 # expected gain): learning what drafts cost never makes a step of the whole
@@ -243,8 +252,7 @@ class StepCostModel:
         one step of twice the knee's tokens: steps that barely pass the
         knee do not tell it, and past the steps seen it is the prior."""
         xtx, xty = self._xtx[knee], self._xty[knee]
-        ridge = np.diag(1e-6 * (np.diag(xtx) + 1.0))
-        ridge[0, 0] = 0.0
+        ridge = np.diag(TREE_RIDGE * (np.diag(xtx) + 1.0))
         ridge[self.EXCESS, self.EXCESS] += float(KNEES[knee]) ** 2
         prior = np.zeros(self.FEATURES)
         base = self._coef[4] if self._tree_costs is not None else self._coef[3]
@@ -434,6 +442,7 @@ class StepTimer:
 # Chain forwards left out of the draft cost fit (first allocations; the
 # catch-up forwards over long unread spans are never in it).
 WARMUP_DRAFT_FORWARDS = 1
+FORGOTTEN_WEIGHT = 1 / 16
 
 
 class DraftCostModel:
@@ -466,8 +475,14 @@ class DraftCostModel:
 
     def forget(self) -> None:
         """Drop the fit (the next forward is measured afresh): a cost
-        measured under another load must not keep drafts out forever."""
-        self._xtx[:], self._xty[:], self._coef[:] = 0.0, 0.0, 0.0
+        measured under another load must not keep drafts out forever. The
+        old forwards stay as a prior worth ``FORGOTTEN_WEIGHT`` of their
+        weight: the first forward measured afresh is mostly a catch-up read
+        of spans left unread meanwhile, and alone it made a forward's fixed
+        cost its whole time (1.5 s for a 0.12 s forward)."""
+        self._xtx *= FORGOTTEN_WEIGHT
+        self._xty *= FORGOTTEN_WEIGHT
+        self._coef[:] = 0.0
         self._seen = min(self._seen, WARMUP_DRAFT_FORWARDS)
 
     @property
