@@ -287,6 +287,39 @@ def test_step_cost_fit_prices_nodes_past_the_knee_as_compute():
                                                    rel=0.05)
 
 
+def test_step_cost_fit_keeps_a_plain_step_apart_from_its_nodes():
+    """Batch 1 (one token, then one token and a tree of 6-10 nodes), then
+    batch 8 seen only with trees of 48-60 nodes, past the knee: the fit
+    cannot tell that batch's plain tokens from its nodes by the steps
+    alone. With a plain token and a node fitted apart, the batch-8 steps'
+    compute went to the plain tokens (40-76 ms each instead of 2 ms on
+    Qwen 1.5B), a plain step of 8 looked three times slower than it is, the
+    bar fell with it, and full trees that did not pay were drafted."""
+    rng = np.random.default_rng(2)
+
+    def forward(n_plain, n_tree, n_trees, noise=0.05):
+        n = n_plain + n_tree
+        return ((0.15 + 0.002 * n + 0.025 * max(n - 8, 0) + 0.01 * (n_tree > 0)
+                 + 0.003 * n_trees) * (1 + rng.normal(0, noise)))
+
+    cost = StepCostModel()
+    cost.observe(0, 0, 0, 0.15 + 0.03 * 150, None, produced=1, n_prefill=150)
+    for step in range(60):
+        n_tree = 8 * (step % 2)  # full chains of 8
+        cost.observe(1, n_tree, int(n_tree > 0), forward(1, n_tree, int(n_tree > 0)), None,
+                     produced=1 + n_tree // 2)
+    for _ in range(12):
+        n_tree = int(rng.integers(48, 61))
+        cost.observe(8, n_tree, 8, forward(8, n_tree, 8), None, produced=40)
+    # (Fitted apart: a = 0.004 s, b_plain = 0.137 s, a plain step of 8 at
+    # 7 tokens/s instead of 50.)
+    assert cost.coefficients["b_plain"] < 0.005
+    assert cost.decode_rate(8) == pytest.approx(8 / forward(8, 0, 0, 0), rel=0.1)
+    # A batch-8 tree of 56 nodes is priced at about what it costs.
+    extra = cost.predict(8, 56, 8) - cost.predict(8, 0, 0)
+    assert extra == pytest.approx(forward(8, 56, 8, 0) - forward(8, 0, 0, 0), rel=0.1)
+
+
 def test_step_cost_fit_remembers_tree_costs_while_no_tree_runs():
     cost = StepCostModel()
     for step in range(200):

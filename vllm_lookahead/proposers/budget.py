@@ -4,13 +4,21 @@ A tree node costs target compute; it pays back only if it is accepted. The
 engine's step time is fitted online as
 
     t = a + c * [step has trees] + d * n_trees
-          + b_plain * n_plain + b_tree * n_tree + b_prefill * n_prefill
-          + h * max(0, n_plain + n_tree - K)
+          + b_plain * (n_plain + n_tree) + (b_tree - b_plain) * n_tree
+          + b_prefill * n_prefill + h * max(0, n_plain + n_tree - K)
 
 (exponentially weighted least squares over recent steps: ``n_tree`` tree
 nodes in ``n_trees`` requests' trees, ``n_plain`` other scheduled tokens,
 ``c`` the fixed cost of a tree step, ``d`` that of one request's tree: the
-runtime's per-request work in every layer; ``n_prefill`` prompt tokens,
+runtime's per-request work in every layer; a node is a decode token, fitted
+with the plain ones, plus what the tree attention adds to it (``b_tree -
+b_plain >= 0``, drawn to zero like ``c`` and ``d``): fitted apart, batch 1
+(one plain token in every step) could not tell a plain token from the fixed
+cost (a = -2.9 s, b_plain = 3.1 s in one trace of Qwen 1.5B), nor a batch
+seen only with drafts its plain tokens from its nodes (batch 8 after batch 1:
+a plain token at 40-76 ms), so a plain step of 8 looked several times slower
+than it was, the bar fell with it, and full trees that did not pay were
+drafted; ``n_prefill`` prompt tokens,
 kept apart so that a prompt's cost per token never enters the cost of a
 decode step: fitted together, a prefill of 1,100 prompt tokens made a plain
 decode step of 8 requests look 50% slower than it was, and drafts look
@@ -79,15 +87,16 @@ EXPLORATION = 0.15
 # tree costs (c, d, b_tree) and keeps their last estimates.
 MIN_TREE_WEIGHT = 4.0
 # Relative ridge per feature of the step-time fit (1, has trees, n_trees,
-# n_plain, n_tree, n_prefill, past the knee): the fixed costs of a tree step
-# and of each tree are drawn to zero harder than the per-token costs. At
+# decode tokens, nodes, n_prefill, past the knee): the fixed costs of a tree
+# step and of each tree, and a node's cost over a plain token's, are drawn
+# to zero harder than the per-token costs. At
 # one batch size every drafting step holds about as many trees of about the
 # same size, so the fit cannot tell them from their nodes' cost; the extra
 # time then went to the trees (0.16 s each at batch 8 on Qwen 1.5B, where it
 # is 24 ms a node past the knee), no first node paid for its tree, and the
 # batch stopped drafting drafts that paid. It is compute: a node's.
-TREE_RIDGE = np.array([0.0, 1e-2, 1e-2, 1e-6, 1e-6, 1e-6, 1e-6])
-TREE_COSTS = [1, 2, 4]  # c, d, b_tree in the fit's coefficients
+TREE_RIDGE = np.array([0.0, 1e-2, 1e-2, 1e-6, 1e-3, 1e-6, 1e-6])
+TREE_COSTS = [1, 2, 4]  # c, d, b_tree - b_plain in the fit's coefficients
 # Drafts per step while their costs are not measured yet (the best ones by
 # expected gain): learning what drafts cost never makes a step of the whole
 # batch's drafts.
@@ -148,7 +157,8 @@ class StepCostModel:
     it; the host overhead around the forward is the median over recent
     steps, for the same reason."""
 
-    # 1, has trees, n_trees, n_plain, n_tree, n_prefill, tokens past the knee
+    # 1, has trees, n_trees, decode tokens (plain and nodes), nodes, n_prefill,
+    # tokens past the knee
     FEATURES = 7
     EXCESS = 6
 
@@ -181,8 +191,8 @@ class StepCostModel:
         """Features of a step, one row per knee in ``knees``."""
         excess = np.maximum(n_plain + n_tree - np.atleast_1d(knees), 0).astype(np.float64)
         x = np.empty((len(excess), StepCostModel.FEATURES))
-        x[:] = [1.0, float(n_tree > 0), float(n_trees), float(n_plain), float(n_tree),
-                float(n_prefill), 0.0]
+        x[:] = [1.0, float(n_tree > 0), float(n_trees), float(n_plain + n_tree),
+                float(n_tree), float(n_prefill), 0.0]
         x[:, StepCostModel.EXCESS] = excess
         return x
 
@@ -255,7 +265,7 @@ class StepCostModel:
         ridge = np.diag(TREE_RIDGE * (np.diag(xtx) + 1.0))
         ridge[self.EXCESS, self.EXCESS] += float(KNEES[knee]) ** 2
         prior = np.zeros(self.FEATURES)
-        base = self._coef[4] if self._tree_costs is not None else self._coef[3]
+        base = self._coef[3] + (self._coef[4] if self._tree_costs is not None else 0.0)
         prior[self.EXCESS] = max(self._coef[5] - base, 0.0)
         a, b = xtx + ridge, xty + ridge @ prior
         coef = nonnegative_least_squares(a, b)
@@ -270,8 +280,9 @@ class StepCostModel:
         """The fit, in seconds: a, c (tree step), d (per tree), b_plain,
         b_tree, b_prefill, h (per token past the knee), the knee (tokens)
         and the median host overhead."""
-        return {**dict(zip(("a", "c", "d", "b_plain", "b_tree", "b_prefill", "h"),
-                           map(float, self._coef))),
+        a, c, d, b_plain, extra, b_prefill, h = map(float, self._coef)
+        return {"a": a, "c": c, "d": d, "b_plain": b_plain, "b_tree": b_plain + extra,
+                "b_prefill": b_prefill, "h": h,
                 "knee": float(self.knee), "overhead": self._overhead}
 
     @property
@@ -284,8 +295,9 @@ class StepCostModel:
         """Marginal cost of one tree node below the knee; until steps with
         drafts measured it, a plain or a prompt token's, whichever is
         dearer."""
-        return float(self._coef[4] if self.draft_costs_known else max(self._coef[3],
-                                                                       self._coef[5]))
+        if self.draft_costs_known:
+            return float(self._coef[3] + self._coef[4])
+        return float(max(self._coef[3], self._coef[5]))
 
     def nodes_seconds(self, n_requests: int, n_nodes: int) -> float:
         """Mean cost of each of ``n_nodes`` nodes added to a decode step of
@@ -297,7 +309,7 @@ class StepCostModel:
                 - max(n_requests - self.knee, 0)) / n_nodes
         h = float(self._coef[self.EXCESS])
         if self.draft_costs_known:
-            return float(self._coef[4]) + h * past
+            return float(self._coef[3] + self._coef[4]) + h * past
         return max(float(self._coef[3]) + h * past, float(self._coef[5]))
 
     @property
