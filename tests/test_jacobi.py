@@ -288,13 +288,14 @@ def test_step_cost_fit_prices_nodes_past_the_knee_as_compute():
 
 
 def test_step_cost_fit_keeps_a_plain_step_apart_from_its_nodes():
-    """Batch 1 (one token, then one token and a tree of 6-10 nodes), then
-    batch 8 seen only with trees of 48-60 nodes, past the knee: the fit
-    cannot tell that batch's plain tokens from its nodes by the steps
-    alone. With a plain token and a node fitted apart, the batch-8 steps'
-    compute went to the plain tokens (40-76 ms each instead of 2 ms on
-    Qwen 1.5B), a plain step of 8 looked three times slower than it is, the
-    bar fell with it, and full trees that did not pay were drafted."""
+    """Batch 1 (one token, then one token and a chain of 8 nodes), then
+    batch 8 seen only with trees of 48-60 nodes, past the knee: neither
+    tells a plain token's cost apart by its steps alone (from the fixed
+    cost at batch 1, from the nodes at batch 8). With a plain token and a
+    node fitted apart, the batch-8 steps' compute went to the plain tokens
+    (40-76 ms each instead of 2 ms on Qwen 1.5B), a plain step of 8 looked
+    several times slower than it is, the bar fell with it, and full trees
+    that did not pay were drafted."""
     rng = np.random.default_rng(2)
 
     def forward(n_plain, n_tree, n_trees, noise=0.05):
@@ -311,8 +312,8 @@ def test_step_cost_fit_keeps_a_plain_step_apart_from_its_nodes():
     for _ in range(12):
         n_tree = int(rng.integers(48, 61))
         cost.observe(8, n_tree, 8, forward(8, n_tree, 8), None, produced=40)
-    # (Fitted apart: a = 0.004 s, b_plain = 0.137 s, a plain step of 8 at
-    # 7 tokens/s instead of 50.)
+    # (Fitted apart: a plain step of 8 at 53 tokens/s instead of 48 here;
+    # with other noise, a = 0.004 s, b_plain = 0.137 s and 7 tokens/s.)
     assert cost.coefficients["b_plain"] < 0.005
     assert cost.decode_rate(8) == pytest.approx(8 / forward(8, 0, 0, 0), rel=0.1)
     # A batch-8 tree of 56 nodes is priced at about what it costs.

@@ -84,7 +84,7 @@ COUNT_DECAY = 0.99
 OVERHEAD_WINDOW = 64
 EXPLORATION = 0.15
 # Decayed count of recent tree steps below which the fit cannot tell the
-# tree costs (c, d, b_tree) and keeps their last estimates.
+# tree costs (c, d, b_tree - b_plain) and keeps their last estimates.
 MIN_TREE_WEIGHT = 4.0
 # Relative ridge per feature of the step-time fit (1, has trees, n_trees,
 # decode tokens, nodes, n_prefill, past the knee): the fixed costs of a tree
@@ -265,7 +265,7 @@ class StepCostModel:
         ridge = np.diag(TREE_RIDGE * (np.diag(xtx) + 1.0))
         ridge[self.EXCESS, self.EXCESS] += float(KNEES[knee]) ** 2
         prior = np.zeros(self.FEATURES)
-        base = self._coef[3] + (self._coef[4] if self._tree_costs is not None else 0.0)
+        base = self._fitted_node_seconds if self._tree_costs is not None else self._coef[3]
         prior[self.EXCESS] = max(self._coef[5] - base, 0.0)
         a, b = xtx + ridge, xty + ridge @ prior
         coef = nonnegative_least_squares(a, b)
@@ -296,8 +296,14 @@ class StepCostModel:
         drafts measured it, a plain or a prompt token's, whichever is
         dearer."""
         if self.draft_costs_known:
-            return float(self._coef[3] + self._coef[4])
+            return self._fitted_node_seconds
         return float(max(self._coef[3], self._coef[5]))
+
+    @property
+    def _fitted_node_seconds(self) -> float:
+        """A node's fitted cost below the knee: a decode token's and what
+        the tree attention adds to it."""
+        return float(self._coef[3] + self._coef[4])
 
     def nodes_seconds(self, n_requests: int, n_nodes: int) -> float:
         """Mean cost of each of ``n_nodes`` nodes added to a decode step of
@@ -309,7 +315,7 @@ class StepCostModel:
                 - max(n_requests - self.knee, 0)) / n_nodes
         h = float(self._coef[self.EXCESS])
         if self.draft_costs_known:
-            return float(self._coef[3] + self._coef[4]) + h * past
+            return self._fitted_node_seconds + h * past
         return max(float(self._coef[3]) + h * past, float(self._coef[5]))
 
     @property
