@@ -165,10 +165,13 @@ class Cell:
     ttft_s: list[float] = field(default_factory=list)
     tpot_s: list[float] = field(default_factory=list)
     identical: bool | None = None
+    # --paired: seconds of the same batches with drafting off in the same
+    # engine, each next to its drafting run.
+    seconds_off: float = 0.0
 
     def add(self, other: Cell) -> None:
         for name in ("requests", "output_tokens", "seconds", "accepted", "drafts",
-                     "draft_tokens", "draft_forwards", "draft_steps"):
+                     "draft_tokens", "draft_forwards", "draft_steps", "seconds_off"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         width = max(len(self.accepted_per_pos), len(other.accepted_per_pos))
         pad = lambda v: v + [0] * (width - len(v))  # noqa: E731
@@ -197,6 +200,9 @@ class Cell:
             accepted_histogram=histogram, ttft_ms=mean(self.ttft_s), tpot_ms=mean(self.tpot_s),
             draft_forwards_per_step=(round(self.draft_forwards / self.draft_steps, 3)
                                      if self.draft_steps else None),
+            seconds_off=round(self.seconds_off, 3),
+            vs_off=round(self.seconds_off / self.seconds, 3)
+            if self.seconds_off and self.seconds else None,
         )
         return out
 
@@ -230,14 +236,32 @@ def _draft_counts(llm, method: Method) -> tuple[int, int]:
     return stats["draft_forwards"], stats["steps"]
 
 
+def off_switch(method: Method) -> dict[str, Any] | None:
+    """``extra_args`` that turn the method's drafting off for one request
+    (``--paired``), or None where it has no such switch."""
+    extra = method.additional_config or {}
+    if "staged" in extra:
+        return {"staged": {"disable": True}}
+    if "lookahead" in extra:
+        return {"lookahead": {"disable": True}}
+    return None
+
+
 def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[str],
                batch_sizes: list[int], max_tokens: int, progress, max_model_len: int,
                enforce_eager: bool = False, batch1_prompts: int | None = None,
-               ) -> tuple[list[Cell], dict[tuple[int, int], list[int]]]:
+               paired: bool = False,
+               ) -> tuple[list[Cell], dict[tuple[int, int, bool], list[int]]]:
     """All batch sizes and categories with one engine (at batch 1 only the
     first ``batch1_prompts`` prompts of each cell, where given); returns the
     cells and every request's output token ids keyed by (batch size,
-    prompt)."""
+    prompt, drafting off).
+
+    ``paired``: every batch starts from an empty prefix cache, and a
+    method with a per-request off switch generates each batch twice in a
+    row, drafting off and on (alternating which goes first): its cells'
+    ``seconds_off`` is an A/B in one engine, free of the drift between
+    engines started minutes apart."""
     from vllm import SamplingParams
 
     if method.additional_config and "staged" in method.additional_config:
@@ -249,6 +273,11 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
     cells, outputs = [], {}
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        switch = off_switch(method) if paired else None
+        runs = [(params, False)]
+        if switch is not None:
+            runs = [(SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                    extra_args=switch), True), (params, False)]
         llm.generate(texts[:1], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
         by_category: dict[str, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
@@ -264,14 +293,25 @@ def run_engine(model: str, method: Method, prompts: list[Prompt], texts: list[st
                 cell = Cell(method.name, batch, category)
                 before = _metrics(llm)
                 forwards_before = _draft_counts(llm, method)
-                for lo in range(0, len(index), batch):
+                for n, lo in enumerate(range(0, len(index), batch)):
                     chunk = index[lo:lo + batch]
-                    start = time.perf_counter()
-                    results = llm.generate([texts[i] for i in chunk], params, use_tqdm=False)
-                    cell.seconds += time.perf_counter() - start
-                    for i, r in zip(chunk, results):
+                    for run_params, off in runs[::-1] if n % 2 else runs:
+                        if paired:
+                            llm.reset_prefix_cache()
+                        start = time.perf_counter()
+                        results = llm.generate([texts[i] for i in chunk], run_params,
+                                               use_tqdm=False)
+                        seconds = time.perf_counter() - start
+                        if off:
+                            cell.seconds_off += seconds
+                            outputs.update(((batch, i, True), list(r.outputs[0].token_ids))
+                                           for i, r in zip(chunk, results))
+                        else:
+                            cell.seconds += seconds
+                            drafted = results
+                    for i, r in zip(chunk, drafted):
                         ids = list(r.outputs[0].token_ids)
-                        outputs[(batch, i)] = ids
+                        outputs[(batch, i, False)] = ids
                         cell.requests += 1
                         cell.output_tokens += len(ids)
                         stats = r.metrics
@@ -365,6 +405,11 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every engine eagerly (no torch.compile: much faster "
                         "engine starts with a draft model on CPU, slower steps)")
+    parser.add_argument("--paired", action="store_true",
+                        help="every batch from an empty prefix cache, and each batch of a "
+                        "method with a per-request off switch (lookahead, staged) run twice "
+                        "in its engine, drafting off and on: 'vs off' is then an A/B free "
+                        "of the machine's drift between engines")
     parser.add_argument("--out", type=Path, help="output directory "
                         "(default benchmarks/results/<model>-<quick|full>)")
     args = parser.parse_args()
@@ -405,7 +450,8 @@ def main() -> None:
             method_cells, outputs = run_engine(model, method, prompts, texts, batch_sizes,
                                                args.max_tokens, progress, args.max_model_len,
                                                enforce_eager=args.enforce_eager,
-                                               batch1_prompts=args.batch1_prompts)
+                                               batch1_prompts=args.batch1_prompts,
+                                               paired=args.paired)
         except Exception as e:  # noqa: BLE001 - a method vLLM cannot run here is reported
             if method.name == "plain-vllm":
                 raise
@@ -418,10 +464,11 @@ def main() -> None:
         if method.name == "plain-vllm":
             reference = outputs
         for cell in method_cells:
-            index = [i for i, p in enumerate(prompts) if cell.category in (ALL, p.category)
-                     and (cell.batch_size, i) in outputs]
-            cell.identical = all(outputs[(cell.batch_size, i)] == reference[(cell.batch_size, i)]
-                                 for i in index)
+            # Drafting on and, with --paired, off: both as plain vLLM's.
+            keys = [(cell.batch_size, i, off) for i, p in enumerate(prompts)
+                    if cell.category in (ALL, p.category) for off in (False, True)
+                    if (cell.batch_size, i, off) in outputs]
+            cell.identical = all(outputs[key] == reference[key[:2] + (False,)] for key in keys)
         cells += method_cells
     progress.close()
 
@@ -438,7 +485,7 @@ def main() -> None:
         "prompts": args.prompts, "per_category": args.per_category,
         "max_tokens": args.max_tokens, "batch_sizes": batch_sizes,
         "batch1_prompts": args.batch1_prompts,
-        "enforce_eager": args.enforce_eager,
+        "enforce_eager": args.enforce_eager, "paired": args.paired,
         "methods": {m.name: {"speculative_config": m.speculative_config,
                              "additional_config": m.additional_config} for m in methods},
         "skipped": skipped,

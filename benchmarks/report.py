@@ -42,16 +42,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['max_tokens']} new tokens, greedy; {machine['cpu']} ({machine['cores']} "
         f"cores), vLLM {machine['vllm']}, torch {machine['torch']}, commit {machine['commit']}, "
         f"{machine['date']}. One engine per method, all in one run"
-        + (" (eager mode, no torch.compile)." if results.get("enforce_eager") else "."),
+        + (" (eager mode, no torch.compile)." if results.get("enforce_eager") else ".")
+        + (" Paired: every batch from an empty prefix cache; 'vs off' is the same "
+           "batches with drafting off (per-request switch) in the same engine, each next "
+           "to its drafting run." if results.get("paired") else ""),
         "",
     ]
+    paired = any(c.get("vs_off") for c in results["cells"])
     # Draft-model forwards per drafting step, where a method runs a draft model.
     drafting = any(c.get("draft_forwards_per_step") for c in results["cells"])
     lines += [
-        "| batch | method | tok/s | vs plain | tokens / target forward | accepted / draft "
+        "| batch | method | tok/s | vs plain " + ("| vs off " if paired else "")
+        + "| tokens / target forward | accepted / draft "
         + ("| draft forwards / step " if drafting else "")
         + "| TTFT ms | TPOT ms | identical |",
-        "| --- " * (10 if drafting else 9) + "|",
+        "| --- " * (9 + drafting + paired) + "|",
     ]
     for batch in results["batch_sizes"]:
         plain = cells.get((PLAIN, batch, "all"))
@@ -62,7 +67,9 @@ def markdown(results: dict[str, Any]) -> str:
             speedup = c["tokens_per_s"] / plain["tokens_per_s"] if plain else None
             lines.append(
                 f"| {batch} | {method} | {_fmt(c['tokens_per_s'], 1)} | {_fmt(speedup)}x "
-                f"| {_fmt(c['compression'])} | {_fmt(c['mean_accepted'])} "
+                + (f"| {_fmt(c.get('vs_off'))}{'x' if c.get('vs_off') else ''} "
+                   if paired else "")
+                + f"| {_fmt(c['compression'])} | {_fmt(c['mean_accepted'])} "
                 + (f"| {_fmt(c.get('draft_forwards_per_step'))} " if drafting else "")
                 + f"| {_fmt(c['ttft_ms'], 0)} | {_fmt(c['tpot_ms'], 1)} "
                 f"| {'yes' if c['identical'] else 'NO'} |")

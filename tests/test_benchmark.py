@@ -113,7 +113,7 @@ def test_benchmark_runs_end_to_end(smollm2, tmp_path):
     run = subprocess.run(
         [sys.executable, "benchmarks/benchmark.py", "--model", smollm2, "--prompts",
          str(prompts), "--per-category", "2", "--max-tokens", "24", "--batch-sizes", "1,2",
-         "--methods", "plain,lookahead-tree", "--out", str(out)],
+         "--methods", "plain,lookahead-tree", "--paired", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -124,9 +124,26 @@ def test_benchmark_runs_end_to_end(smollm2, tmp_path):
             assert tree["identical"] is True
             assert tree["output_tokens"] == cells[("plain-vllm", batch, category)]["output_tokens"]
             assert tree["ttft_ms"] is not None and tree["ttft_ms"] > 0
+            # --paired: the same batches with drafting off, in the same engine.
+            assert tree["seconds_off"] > 0 and tree["vs_off"] > 0
+            assert cells[("plain-vllm", batch, category)]["seconds_off"] == 0
     assert (out / "results.md").read_text().count("| yes |") == 4
+    assert "| vs off |" in (out / "results.md").read_text()
     assert (out / "speedup_by_category.png").stat().st_size > 0
     assert (out / "speedup_by_batch.png").stat().st_size > 0
+
+
+def test_report_paired_column(tmp_path):
+    cells = [Cell("plain-vllm", 1, "all", output_tokens=10, seconds=1.0, identical=True).summary(),
+             Cell("staged-tree", 1, "all", output_tokens=10, seconds=0.8, seconds_off=1.2,
+                  accepted=5, drafts=5, accepted_per_pos=[5], identical=True).summary()]
+    assert cells[1]["vs_off"] == 1.5 and cells[0]["vs_off"] is None
+    text = markdown({**_results(cells), "paired": True,
+                     "methods": {"plain-vllm": {}, "staged-tree": {}}})
+    assert "| vs plain | vs off |" in text and "Paired:" in text
+    assert "| 1 | staged-tree | 12.5 | 1.25x | 1.50x | 2.00 |" in text
+    assert "| 1 | plain-vllm | 10.0 | 1.00x | - |" in text
+    assert "vs off" not in markdown(_results(cells[:1]))
 
 
 def test_proposer_host_time_benchmark_runs():
