@@ -60,8 +60,7 @@ def test_fit_tree_respects_the_cap(cap):
         assert (w, g) == (5, 5)
 
 
-@pytest.fixture
-def proposer():
+def make_proposer(**lookahead) -> LookaheadProposer:
     vllm_patches.apply_all()
     config = SimpleNamespace(
         speculative_config=SimpleNamespace(num_speculative_tokens=16),
@@ -70,9 +69,15 @@ def proposer():
         device_config=SimpleNamespace(device_type="cpu"),
         scheduler_config=SimpleNamespace(max_num_seqs=4),
         additional_config={"lookahead": {"ngram": 3, "window": 3, "guesses": 2,
-                                         "budget": "static"}},
+                                         "budget": "static", **lookahead}},
     )
     return LookaheadProposer(config)
+
+
+@pytest.fixture
+def proposer():
+    """The Jacobi window and the pool alone (no recycling, no chain)."""
+    return make_proposer(recycle=False, chain=0)
 
 
 class Proposed(list):
@@ -140,6 +145,36 @@ def test_tree_mode_proposes_window_and_candidates(proposer):
     tokens, parents = drafts[0], drafts.trees["a"]
     chains = {(tokens[parents[i]], tokens[i]) for i in range(6, len(tokens)) if parents[i] >= 6}
     assert (41, 64) in chains
+
+
+def test_chain_branch_offers_the_context_match():
+    proposer = make_proposer(window=0, guesses=0, recycle=False, chain=4)
+    # The longest suffix seen before (1 2, earliest at 0) and what followed it.
+    drafts = propose(proposer, {"a": [1, 2, 3, 4, 1, 2]})
+    assert drafts[0] == [3, 4, 1, 2] and drafts.trees["a"] == [-1, 0, 1, 2]
+    # Cut by the request's room left in max_model_len (64).
+    drafts = propose(proposer, {"a": list(range(2, 64)) + [2]})
+    assert drafts[0] == [3] and drafts.trees["a"] == [-1]
+    # No earlier occurrence of the last token: no tree.
+    assert propose(proposer, {"a": [1, 2, 3]})[0] == []
+
+
+def test_chain_and_recycled_nodes_share_one_trie():
+    proposer = make_proposer(window=0, guesses=0, chain=3, recycle_nodes=2, recycle_ranks=2)
+    proposer.successors.update(np.array([2, 3], np.int32), np.array([[3, 7], [8, 9]], np.int32))
+    drafts = propose(proposer, {"a": [1, 2, 3, 4, 1, 2]})
+    # The template's two recycled nodes (rank 0 after 2, rank 0 after that:
+    # 3 8) and the chain 3 4 1, the 3s merged.
+    tokens, parents = drafts[0], drafts.trees["a"]
+    assert len(tokens) == 4
+    paths = set()
+    for j, t in enumerate(tokens):
+        path, k = [t], parents[j]
+        while k >= 0:
+            path.insert(0, tokens[k])
+            k = parents[k]
+        paths.add(tuple(path))
+    assert paths == {(3,), (3, 8), (3, 4), (3, 4, 1)}
 
 
 def test_per_request_overrides(proposer):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vllm_lookahead import ops, reference
-from vllm_lookahead.proposers.recycle import SuccessorTable, tree_template
+from vllm_lookahead.proposers.recycle import SuccessorTable, chain_depths, chain_tokens, tree_template
 
 i32 = lambda *v: torch.tensor(v, dtype=torch.int32)
 
@@ -108,3 +108,36 @@ def test_successor_table_drops_tokens_outside_the_vocabulary():
     parents, ranks = np.array([-1, 0, 0], np.int32), np.array([0, 0, 1], np.int32)
     assert table.trees(np.array([1, 0]), parents, ranks).tolist() == [[2, 3, 4],
                                                                       [-1, -1, -1]]
+
+
+def _longest_match_reference(context: list[int], length: int, max_ngram: int) -> list[int]:
+    """Brute force: the longest suffix (<= max_ngram) seen earlier, its
+    earliest occurrence, what followed it."""
+    n = len(context)
+    for size in range(min(max_ngram, n - 1), 0, -1):
+        suffix = context[n - size:]
+        for start in range(n - size):
+            if context[start:start + size] == suffix:
+                return context[start + size:start + size + length]
+    return []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=30), min_size=1, max_size=4),
+       st.integers(1, 6), st.integers(1, 4))
+def test_chain_tokens_match_the_reference(contexts, length, max_ngram):
+    out = chain_tokens([np.asarray(c, np.int32) for c in contexts], length, max_ngram)
+    for row, context in zip(out, contexts):
+        expected = _longest_match_reference(context, length, max_ngram)
+        assert row.tolist() == expected + [-1] * (length - len(expected))
+
+
+@pytest.mark.parametrize("nodes,chain", [(48, 8), (0, 5), (3, 1)])
+def test_tree_template_holds_the_chain(nodes, chain):
+    parents, ranks = tree_template(nodes, 8, 8, chain)
+    depths = chain_depths(parents, ranks)
+    assert sorted(depths[depths >= 0].tolist()) == list(range(chain))
+    assert (ranks >= 0).sum() == nodes
+    # A chain node hangs under the root or the chain node one shallower.
+    for j in np.flatnonzero(depths >= 0):
+        assert (parents[j] < 0) if depths[j] == 0 else depths[parents[j]] == depths[j] - 1

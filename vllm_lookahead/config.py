@@ -131,17 +131,22 @@ class LookaheadConfig(_AdditionalConfig):
     ways:       associativity of the key table.
     shared_pool: also keep one pool shared by all requests (system prompts,
                 common code), consulted after the request's own pool.
-    recycle:    (opt-in: with sampled requests it once crashed vLLM's chain
-                verification path, not yet explained) token recycling (tree
-                mode, arXiv 2408.08696): keep the
+    recycle:    token recycling (tree mode, arXiv 2408.08696): keep the
                 target's top ``recycle_ranks`` next tokens after every token
                 it saw as input, from every forward, in one table shared by
                 all requests (vocab_size x recycle_ranks x 4 bytes), and
                 draft a tree of ``recycle_nodes`` nodes read from it from the
                 last token (the likeliest paths by successor rank, at most
                 ``recycle_depth`` deep), merged with the pool candidates into
-                one trie.
+                one trie. The table is shared, so with sampled requests a
+                request's tree steps (and with a seed its tokens) depend on
+                what else the engine ran; greedy outputs never do.
     recycle_ranks, recycle_nodes, recycle_depth: see ``recycle``.
+    chain:      tree mode: also offer, as one more branch of the tree, the
+                ``chain`` tokens that followed the earliest earlier occurrence
+                of the longest suffix (1 to 3 tokens) of the request's text
+                (prompt lookup, vLLM ``ngram``'s match); each of its depths is
+                priced by the measured budget like any other node (0: off).
     adaptive:   size each request's draft from its last acceptance: after a
                 fully accepted draft allow twice as many tokens (up to
                 num_speculative_tokens), otherwise one more than were
@@ -161,10 +166,11 @@ class LookaheadConfig(_AdditionalConfig):
     buckets: int = 2048
     ways: int = 4
     shared_pool: bool = False
-    recycle: bool = False
+    recycle: bool = True
     recycle_ranks: int = 8
     recycle_nodes: int = 48
     recycle_depth: int = 8
+    chain: int = 8
     adaptive: bool = True
 
     key: ClassVar[str] = CONFIG_KEY
@@ -181,7 +187,7 @@ class LookaheadConfig(_AdditionalConfig):
         if self.key_len is None and isinstance(self.ngram, int):
             default = 1 if self.mode == "tree" else 2
             object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))
-        for name in ("window", "guesses", "max_tree_tokens"):
+        for name in ("window", "guesses", "max_tree_tokens", "chain"):
             self._integer(name, 0)
         self._pool_sizes()
         for name in ("shared_pool", "adaptive", "pool_from_prompt", "recycle"):

@@ -168,6 +168,15 @@ class StepCostModel:
         self._xtx = np.zeros(shape + (self.FEATURES,))  # per candidate knee
         self._xty = np.zeros(shape)
         self._yty = 0.0
+        # The same sums apart for steps without and with drafts, each decayed
+        # only by steps of its own kind: at batch 1 nearly every step drafts,
+        # and with one decay the plain steps faded from the fit, the fixed
+        # cost of a drafting step could no longer be told from the intercept
+        # (the ridge gave it to the intercept), a plain step looked as slow
+        # as a drafting one and trees that cost more than they gained were
+        # kept (Qwen 1.5B on Spec-Bench: S 1.7 at plain's speed).
+        self._kinds = [[np.zeros(shape + (self.FEATURES,)), np.zeros(shape), 0.0]
+                       for _ in range(2)]
         self._knee = 0  # index into KNEES
         self._coef = np.zeros(self.FEATURES)
         self._steps = 0
@@ -218,10 +227,14 @@ class StepCostModel:
             if self._since_draft_step >= REPROBE_STEPS and self._tree_costs is not None:
                 self._tree_costs = None
                 self._tree_weight = 0.0
+                self._kinds[1] = [np.zeros_like(self._kinds[1][0]),
+                                  np.zeros_like(self._kinds[1][1]), 0.0]
         x = self._features(n_plain, n_tree, n_trees, n_prefill, np.asarray(KNEES))
-        self._xtx = TIME_DECAY * self._xtx + x[:, :, None] * x[:, None, :]
-        self._xty = TIME_DECAY * self._xty + x * forward_seconds
-        self._yty = TIME_DECAY * self._yty + forward_seconds ** 2
+        kind = self._kinds[int(n_tree > 0)]
+        kind[0] = TIME_DECAY * kind[0] + x[:, :, None] * x[:, None, :]
+        kind[1] = TIME_DECAY * kind[1] + x * forward_seconds
+        kind[2] = TIME_DECAY * kind[2] + forward_seconds ** 2
+        self._xtx, self._xty, self._yty = (a + b for a, b in zip(*self._kinds))
         self._tree_weight = TIME_DECAY * self._tree_weight + float(n_tree > 0)
         self._trees = TIME_DECAY * self._trees + (n_tree, n_trees)
         self._tokens = TIME_DECAY * self._tokens + produced

@@ -34,7 +34,8 @@ from vllm_lookahead.config import LookaheadConfig
 from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel, StepTimer
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
-from vllm_lookahead.proposers.recycle import SuccessorTable, tree_template
+from vllm_lookahead.proposers.recycle import (SuccessorTable, chain_depths, chain_tokens,
+                                               tree_template)
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftInputs, Drafts, Predictions,
                                           Verification)
 
@@ -80,15 +81,18 @@ class LookaheadProposer:
             shared=self.config.shared_pool,
         )
         # Token recycling (tree mode): the successor table, shared by all
-        # requests, and the template its trees are read with.
-        recycling = self.config.recycle and self.config.mode == "tree"
+        # requests, and the template its trees are read with, holding the
+        # context-match chain as one more branch.
+        tree = self.config.mode == "tree"
+        recycling = self.config.recycle and tree
+        chain = self.config.chain if tree else 0
         self.prediction_ranks = self.config.recycle_ranks if recycling else 0
         self.successors = (SuccessorTable(vllm_config.model_config.get_vocab_size(),
                                           self.config.recycle_ranks) if recycling else None)
-        self.template_parents, self.template_ranks = (
-            tree_template(self.config.recycle_nodes, self.config.recycle_ranks,
-                          self.config.recycle_depth) if recycling
-            else (np.zeros(0, np.int32), np.zeros(0, np.int32)))
+        self.template_parents, self.template_ranks = tree_template(
+            self.config.recycle_nodes if recycling else 0, self.config.recycle_ranks,
+            self.config.recycle_depth, chain)
+        self.template_chain = chain_depths(self.template_parents, self.template_ranks)
         # Tokens of each request already inserted into its pool.
         self._indexed: dict[str, int] = {}
         # Draft length allowed next step, and length of the last draft.
@@ -443,13 +447,25 @@ class LookaheadProposer:
     def _recycled_trees(self, rows, lengths, token_ids_cpu, value: np.ndarray,
                         threshold: float) -> torch.Tensor:
         """int32 [len(rows), T]: the template read from each row's last
-        token; template nodes whose estimated acceptance is below the bar
-        are disabled, and with them their subtrees."""
-        if self.successors is None:
-            return torch.full((len(rows), 0), -1, dtype=torch.int32)
-        roots = token_ids_cpu[rows, lengths - 1]
-        ranks = np.where(value >= threshold, self.template_ranks, -1)
-        return self.successors.trees(roots, self.template_parents, ranks)
+        token (recycled nodes) and its context-match chain (chain nodes);
+        template nodes whose estimated acceptance is below the bar are
+        disabled, and with them their subtrees."""
+        enabled = value >= threshold
+        is_chain = self.template_chain >= 0
+        if self.successors is not None:
+            roots = token_ids_cpu[rows, lengths - 1]
+            ranks = np.where(enabled & ~is_chain, self.template_ranks, -1)
+            trees = self.successors.trees(roots, self.template_parents, ranks)
+        else:
+            trees = torch.full((len(rows), len(self.template_parents)), -1, dtype=torch.int32)
+        if is_chain.any():
+            slots = np.nonzero(is_chain)[0]  # in depth order
+            depths = self.template_chain[slots]
+            on = np.cumprod(enabled[slots]).astype(bool)
+            chains = chain_tokens([token_ids_cpu[row, :n] for row, n in zip(rows, lengths)],
+                                  int(depths.max()) + 1)
+            trees[:, slots[on]] = torch.from_numpy(chains[:, depths[on]])
+        return trees
 
     def observe_predictions(self, predictions: Predictions) -> None:
         """A step without trees: its rows' top-k go into the successor

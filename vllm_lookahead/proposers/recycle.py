@@ -27,29 +27,85 @@ from vllm_lookahead import ops
 # Prior acceptance of a successor by rank, for the template's shape only
 # (the budget measures the real rates per template node).
 RANK_PRIOR = (0.45, 0.15, 0.08, 0.05, 0.035, 0.025, 0.02, 0.015)
+# Template edges of the context-match chain (``chain_tokens``): rank
+# ``CHAIN``, prior acceptance ``CHAIN_PRIOR`` at depth 1, times
+# ``CHAIN_DECAY`` per depth below (shape only, as ``RANK_PRIOR``).
+CHAIN = -1
+CHAIN_PRIOR, CHAIN_DECAY = 0.5, 0.7
 
 
-def tree_template(nodes: int, ranks: int, max_depth: int) -> tuple[np.ndarray, np.ndarray]:
+def tree_template(nodes: int, ranks: int, max_depth: int,
+                  chain: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The ``nodes`` likeliest paths of a tree whose edges are successor
-    ranks, by :data:`RANK_PRIOR` (best first, so every prefix of the
-    template is a tree and parents come before children): int32 parents
-    (-1: the root) and ranks."""
+    ranks, by :data:`RANK_PRIOR`, and (``chain`` > 0) a path of ``chain``
+    nodes under the root whose edges are ``CHAIN`` (the context-match
+    continuation, filled per step), placed among them by its own prior:
+    best first, so every prefix of the template is a tree and parents come
+    before children. int32 parents (-1: the root) and ranks."""
     prior = np.asarray(RANK_PRIOR[:ranks] + (RANK_PRIOR[-1],) * max(0, ranks - len(RANK_PRIOR)))
     parents: list[int] = []
     edge_ranks: list[int] = []
     # (-path probability, tie-break, parent, rank, depth)
-    heap = [(-prior[r], r, -1, r, 1) for r in range(ranks)]
+    heap = [(-prior[r], r, -1, r, 1) for r in range(ranks) if nodes]
+    if chain:
+        heap.append((-CHAIN_PRIOR, -1, -1, CHAIN, 1))
+    heapq.heapify(heap)
     counter = ranks
-    while heap and len(parents) < nodes:
+    recycled = 0
+    while heap:
         neg_p, _, parent, rank, depth = heapq.heappop(heap)
+        if rank != CHAIN:
+            if recycled == nodes:
+                continue
+            recycled += 1
         node = len(parents)
         parents.append(parent)
         edge_ranks.append(rank)
-        if depth < max_depth:
+        if rank == CHAIN:
+            if depth < chain:
+                heapq.heappush(heap, (neg_p * CHAIN_DECAY, counter, node, CHAIN, depth + 1))
+                counter += 1
+        elif depth < max_depth and recycled < nodes:
             for r in range(ranks):
                 heapq.heappush(heap, (neg_p * prior[r], counter, node, r, depth + 1))
                 counter += 1
     return np.asarray(parents, dtype=np.int32), np.asarray(edge_ranks, dtype=np.int32)
+
+
+def chain_depths(parents: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """Depth below the root (0-based) of each ``CHAIN`` node of a template,
+    -1 for the others."""
+    depths = np.full(len(parents), -1, dtype=np.int64)
+    for j, (parent, rank) in enumerate(zip(parents, ranks)):
+        if rank == CHAIN:
+            depths[j] = 0 if parent < 0 else depths[parent] + 1
+    return depths
+
+
+def chain_tokens(contexts: list[np.ndarray], length: int, max_ngram: int = 3) -> np.ndarray:
+    """int32 [len(contexts), length], -1 padded: for each context, the
+    ``length`` tokens that followed the earliest occurrence of its longest
+    suffix of 1 .. ``max_ngram`` tokens seen before (prompt lookup, the
+    match of vLLM ``ngram``)."""
+    out = np.full((len(contexts), length), -1, dtype=np.int32)
+    for i, context in enumerate(contexts):
+        n = len(context)
+        # ends[j]: context[j - l] == context[n - 1 - l] for every l < L,
+        # over the ends j < n - 1 of earlier occurrences.
+        ends = context[:n - 1] == context[n - 1] if n > 1 else np.zeros(0, bool)
+        best = None
+        for size in range(1, min(max_ngram, n - 1) + 1):
+            if size > 1:
+                ends = ends & np.concatenate(
+                    [np.zeros(size - 1, bool), context[:n - size] == context[n - size]])
+            found = np.flatnonzero(ends)
+            if not len(found):
+                break
+            best = int(found[0])
+        if best is not None:
+            follow = context[best + 1:best + 1 + length]
+            out[i, :len(follow)] = follow
+    return out
 
 
 class SuccessorTable:

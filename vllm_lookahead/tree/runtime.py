@@ -350,12 +350,25 @@ class TreeRuntime:
         tolerance = SELF_CHECK_TOLERANCE.get(q.dtype, 3e-2)
         error = (result.cpu().double() - want.double()).abs().max().item() if len(want) else 0.0
         scale_ref = max(1.0, want.double().abs().max().item() if len(want) else 1.0)
-        if not error <= tolerance * scale_ref:
+        bound = tolerance * scale_ref
+        # Plus the rounding of the scores themselves in the kernel's float32:
+        # an error of eps * |q|.|k| in a score moves the output by up to that
+        # times |v|. Models with huge attention logits (Qwen2.5's first layer)
+        # showed 1.5e-4 relative in float32 on correct trees.
+        if len(want):
+            used = torch.cat([step.block_table[b, :(int(n) + block_size - 1) // block_size]
+                              for b, n in enumerate(step.prefix_lens.tolist())]).long()
+            keys, values = key_cache[used], value_cache[used]
+            logit = scale * q.double().abs().sum(-1).max().item() * max(
+                k.double().abs().max().item(), keys.double().abs().max().item())
+            bound += 4 * torch.finfo(torch.float32).eps * logit * max(
+                v.double().abs().max().item(), values.double().abs().max().item())
+        if not error <= bound:
             raise TreeRuntimeError(
                 f"tree speculation self-check failed on {q.device}: {adapter.name} tree "
                 f"attention of the {step.model} model differs from the reference by "
-                f"{error:.3g} (tolerance "
-                f"{tolerance * scale_ref:.3g}, {q.dtype}); stopping before a wrong token")
+                f"{error:.3g} (tolerance {bound:.3g}, {q.dtype}); stopping before a wrong "
+                "token")
         self._checked.add(step.model)
 
     # ------------------------------------------------------------------
