@@ -55,9 +55,9 @@ def build_method(name: str, k: int, tree_k: int) -> Method:
     if name == "plain":
         return Method("plain-vllm")
     if name == "lookahead-tree":
-        return lookahead_method(tree_k, recycle=True)
+        return lookahead_method(tree_k)
     if name == "lookahead-tree-static":
-        return lookahead_method(tree_k, budget="static", recycle=True)
+        return lookahead_method(tree_k, budget="static")
     if name == "lookahead-linear":
         return lookahead_method(k, mode="linear")
     if name == "ngram":

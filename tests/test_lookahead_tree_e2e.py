@@ -66,7 +66,8 @@ def test_greedy_tree_mode_is_exact(smollm2, workload, ngram, window, guesses, bu
                                    max_num_seqs):
     prompts, params, overrides, reference, penalised = workload
     method = lookahead_method(k=32, ngram=ngram, window=window, guesses=guesses,
-                              budget=budget, recycle=window == 0 or budget == "measured")
+                              budget=budget, recycle=window == 0 or budget == "measured",
+                              chain=0 if window == 0 else 8)
     # max_num_seqs < prompts: requests join and leave (continuous batching).
     llm = make_llm(smollm2, method, max_num_seqs=max_num_seqs)
     outputs = token_ids(llm.generate(prompts, params(overrides), use_tqdm=False))
