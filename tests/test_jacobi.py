@@ -484,6 +484,65 @@ def test_measured_budget_drops_trees_that_do_not_cover_their_own_cost(proposer):
     assert set(drafts.trees) == {"a"}
 
 
+def sized(proposer, seconds: dict[int, float]):
+    """Forward seconds measured for decode steps of these sizes (tokens)."""
+    for size, t in seconds.items():
+        proposer.cost._size_seconds[size] = t
+        proposer.cost._size_weight[size] = 1.0
+    return proposer
+
+
+def test_measured_budget_prices_a_tree_by_the_step_size_it_makes(proposer):
+    """At 100 tok/s, steps of 1-4 tokens measured at 10 ms and of 5 at
+    30 ms (2 tokens' time): of the tree the line keeps (3 window nodes at
+    5%, the candidates' shared first token at 90%: 5 tokens), the step of 4
+    keeps the candidate and two window nodes, and the window, cut short,
+    is not advanced."""
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    trained(proposer, threshold=0.02)
+    sized(proposer, {1: 0.01, 4: 0.01, 5: 0.03})
+    drafts = propose(proposer, {"a": history})
+    assert drafts.trees["a"] == [-1, 0, -1] and drafts[0][2] == 2
+    w, _, classes = proposer._layouts["a"]
+    assert w == 0 and len(classes) == 3
+    # Measured free up to 5 tokens: the whole tree, window kept whole.
+    sized(proposer, {5: 0.01, 6: 0.03})
+    drafts = propose(proposer, {"a": history})
+    assert drafts[0][3:] == [2] and drafts.trees["a"] == [-1, 0, 1, -1]
+    assert proposer._layouts["a"][0] == proposer.config.window
+
+
+def test_measured_budget_drafts_a_free_node_the_line_prices_out(proposer):
+    """The fitted line puts a 0.7-token fixed cost on any tree step, which
+    no tree here covers; a step of 2 tokens was measured as fast as one of
+    1, so the best node is drafted alone."""
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    trained(proposer, threshold=0.3, tree_step_tokens=0.7)
+    assert propose(proposer, {"a": history}) == [[]]
+    sized(proposer, {1: 0.01, 2: 0.01, 3: 0.02})
+    drafts = propose(proposer, {"a": history})
+    assert drafts == [[2]] and drafts.trees["a"] == [-1]
+
+
+def test_step_cost_by_size_interpolates_and_forgets():
+    cost = StepCostModel()
+    for step in range(40):
+        size = (1, 3, 8)[step % 3]
+        cost.observe(1, size - 1, int(size > 1), 0.1 + 0.03 * (size >= 8), None, produced=1)
+    cost.observe(0, 0, 0, 5.0, None, produced=1, n_prefill=3)  # prompts stay out
+    got = cost.decode_seconds(1, np.arange(12), np.ones(12))
+    np.testing.assert_allclose(got[:7], 0.1, rtol=1e-9)  # sizes 1-7: as 1 and 3
+    np.testing.assert_allclose(got[7], 0.13, rtol=1e-9)
+    # Past every size seen: the fit's, never below what was seen.
+    model = cost.predict(1, 11, 1)
+    assert got[11] == pytest.approx(max(model, 0.13))
+    # Size 8 not seen for a while (its weight decayed below SIZE_MIN_WEIGHT):
+    # forgotten, priced as 3 (tried again).
+    for _ in range(1000):
+        cost.observe(1, 2, 1, 0.1, None, produced=1)
+    assert cost.decode_seconds(1, np.array([7]), np.ones(1))[0] == pytest.approx(0.1)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_compiled_tree_layout_matches_reference(seed):
     gen = torch.Generator().manual_seed(seed)

@@ -118,6 +118,12 @@ REPROBE_STEPS = 128
 KNEES = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 # Steps between choices of the knee (each solves every candidate's fit).
 KNEE_EVERY = 16
+# Decode step sizes (scheduled tokens) whose forward times are also kept
+# apart, the weight of past steps in them (per decode step), and the weight
+# below which a size counts as not seen (one step, ~280 steps ago).
+STEP_SIZES = 8192
+SIZE_DECAY = 0.995
+SIZE_MIN_WEIGHT = 0.25
 
 
 def nonnegative_least_squares(xtx: np.ndarray, xty: np.ndarray) -> np.ndarray:
@@ -189,6 +195,9 @@ class StepCostModel:
         self._since_draft_step = 0
         self._overheads: deque[float] = deque(maxlen=OVERHEAD_WINDOW)
         self._overhead = 0.0  # their median
+        # Decayed forward seconds and weight of decode-only steps, by size.
+        self._size_seconds = np.zeros(STEP_SIZES)
+        self._size_weight = np.zeros(STEP_SIZES)
 
     @property
     def knee(self) -> int:
@@ -211,6 +220,45 @@ class StepCostModel:
         return float(self._features(n_plain, n_tree, n_trees, n_prefill, self.knee)[0]
                      @ self._coef)
 
+    def decode_seconds(self, n_plain: int, n_tree: np.ndarray, n_trees: np.ndarray) -> np.ndarray:
+        """Forward seconds of decode steps of ``n_plain`` tokens plus
+        ``n_tree[i]`` nodes in ``n_trees[i]`` trees, by their size: the
+        recent mean of steps of that size where such steps were seen;
+        between sizes seen, the largest mean at or below it (so a size is
+        tried before it is priced out); beyond every size seen, or below,
+        the linear fit's, and beyond never below what was seen.
+
+        The fit is linear in the tokens; a forward is not: a GPU computes
+        tens of tokens in the time of one, and a CPU's matrix kernels change
+        with the step's size (oneDNN fp32, Qwen2.5-Coder-1.5B's layers, in
+        the engine's threads on two cores: 2 tokens +3% over 1, 4 +19%, 7
+        +46%, 17 +122%). A line through the steps seen put 20-30 ms of a
+        157 ms batch-1 step in the fixed cost of a tree step and 4-5 ms in
+        each node, so it priced one node at a fifth of a step, and sixteen
+        below what they cost; measured by size, each tree size is priced at
+        what steps of that size took."""
+        n_tree = np.asarray(n_tree, dtype=np.int64)
+        n_trees = np.asarray(n_trees, dtype=np.float64)
+        sizes = np.minimum(n_plain + n_tree, STEP_SIZES - 1)
+        x = np.zeros((len(sizes), self.FEATURES))
+        x[:, 0] = 1.0
+        x[:, 1] = n_tree > 0
+        x[:, 2] = n_trees
+        x[:, 3] = n_plain + n_tree
+        x[:, 4] = n_tree
+        x[:, self.EXCESS] = np.maximum(n_plain + n_tree - self.knee, 0)
+        model = x @ self._coef
+        known = np.flatnonzero(self._size_weight >= SIZE_MIN_WEIGHT)
+        if not len(known):
+            return model
+        top = int(sizes.max(initial=0))
+        weight = self._size_weight[:top + 1]
+        means = np.where(weight >= SIZE_MIN_WEIGHT,
+                         self._size_seconds[:top + 1] / np.maximum(weight, 1e-12), 0.0)
+        floor = np.maximum.accumulate(means)[sizes]
+        return np.where(sizes < known[0], model,
+                        np.where(sizes > known[-1], np.maximum(floor, model), floor))
+
     def observe(self, n_plain: int, n_tree: int, n_trees: int, forward_seconds: float,
                 step_seconds: float | None, produced: int, n_prefill: int = 0) -> None:
         """One engine step: scheduled tokens (``n_tree`` of them in
@@ -229,6 +277,12 @@ class StepCostModel:
                 self._tree_weight = 0.0
                 self._kinds[1] = [np.zeros_like(self._kinds[1][0]),
                                   np.zeros_like(self._kinds[1][1]), 0.0]
+        if n_prefill == 0:
+            self._size_seconds *= SIZE_DECAY
+            self._size_weight *= SIZE_DECAY
+            if n_plain + n_tree < STEP_SIZES:
+                self._size_seconds[n_plain + n_tree] += forward_seconds
+                self._size_weight[n_plain + n_tree] += 1.0
         x = self._features(n_plain, n_tree, n_trees, n_prefill, np.asarray(KNEES))
         kind = self._kinds[int(n_tree > 0)]
         kind[0] = TIME_DECAY * kind[0] + x[:, :, None] * x[:, None, :]

@@ -229,13 +229,59 @@ class LookaheadProposer:
             drafting = drafting[:0]
         return drafting
 
+    def _select(self, values: np.ndarray, parents: np.ndarray, num_nodes: np.ndarray,
+                n_requests: int) -> np.ndarray:
+        """bool [rows, width]: the nodes kept by the measured budget once
+        drafts' costs are measured. Nodes are taken best first over the whole
+        batch (a node's value is its class's measured acceptance, capped by
+        its parent's, so every prefix of that order is a set of trees), and
+        the step keeps the prefix of the highest net gain: expected accepted
+        tokens less the tokens a plain step would produce in the time the
+        prefix adds to the forward, priced by the step's size
+        (``StepCostModel.decode_seconds``); none where no prefix gains. ``values`` and ``parents`` [rows,
+        width] (parents before children, -1: under the root), the first
+        ``num_nodes`` of each row valid."""
+        rows, width = values.shape
+        kept = np.zeros((rows, width), dtype=bool)
+        valid = np.arange(width) < num_nodes[:, None]
+        if not valid.any():
+            return kept
+        capped = np.where(valid, values, -np.inf)
+        for j in range(width):
+            under = valid[:, j] & (parents[:, j] >= 0)
+            if under.any():
+                r = np.nonzero(under)[0]
+                capped[r, j] = np.minimum(capped[r, j], capped[r, parents[r, j]])
+        row, col = np.nonzero(valid)
+        order = np.lexsort((col, row, -capped[row, col]))
+        row, col = row[order], col[order]
+        gain = np.cumsum(capped[row, col])
+        new_tree = np.zeros(len(row), dtype=bool)  # a row's first node opens its tree
+        new_tree[np.unique(row, return_index=True)[1]] = True
+        counts = np.arange(1, len(row) + 1)
+        seconds = self.cost.decode_seconds(n_requests, np.concatenate([[0], counts]),
+                                           np.concatenate([[0], np.cumsum(new_tree)]))
+        net = np.concatenate([[0.0], gain]) - (seconds - seconds[0]) * self.cost.decode_rate(
+            n_requests)
+        best = int(np.argmax(net))
+        kept[row[:best], col[:best]] = True
+        return kept
+
+    @property
+    def _sized_budget(self) -> bool:
+        """Whether drafts are cut by :meth:`_select` (the measured budget,
+        once drafts' costs are measured; until then ``_paying`` probes)."""
+        return (self.config.budget == "measured" and self.cost.ready
+                and self.cost.draft_costs_known)
+
     def _any_tree_may_pay(self, threshold: float, n_requests: int) -> bool:
         """Whether ``_paying`` could keep any tree this step: a tree holds
         each node class at most once, so its net gain is at most the sum of
         the classes' positive margins. Where even that does not cover a
         tree's or a step's fixed cost, the layout is not built (measured:
         ~1 ms a step at batch 16 that the budget then discarded)."""
-        if self.config.budget != "measured" or not self.cost.ready:
+        if (self.config.budget != "measured" or not self.cost.ready
+                or self.cost.draft_costs_known):
             return True
         best = np.maximum(self.values.rate() - threshold, 0.0).sum()
         best -= self.cost.tree_cost_tokens(n_requests)
@@ -304,11 +350,17 @@ class LookaheadProposer:
         self._index_new_tokens(row_req_ids, rows, lengths, token_ids_cpu)
         chains = self._extend_chains(row_req_ids, rows, lengths, token_ids_cpu, budget)
         depths = np.broadcast_to(np.arange(self.k), (len(rows), self.k))
-        kept = self._paying(self.chain_values, depths, np.array([len(c) for c in chains]),
-                            threshold, len(rows))
+        lengths = np.array([len(c) for c in chains])
+        if self._sized_budget:
+            chain_parents = np.broadcast_to(np.arange(self.k) - 1, (len(rows), self.k))
+            lengths = self._select(self.chain_values.rate()[depths], chain_parents, lengths,
+                                   len(rows)).sum(axis=1)
+            kept = np.nonzero(lengths)[0]
+        else:
+            kept = self._paying(self.chain_values, depths, lengths, threshold, len(rows))
         for i in kept:
-            drafts.tokens[rows[i]] = chains[i]
-            self._last_draft[row_req_ids[i]] = len(chains[i])
+            drafts.tokens[rows[i]] = chains[i][:lengths[i]]
+            self._last_draft[row_req_ids[i]] = int(lengths[i])
         return drafts
 
     def _index_new_tokens(self, req_ids, rows, lengths, token_ids_cpu) -> None:
@@ -434,8 +486,22 @@ class LookaheadProposer:
             _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS,
             recycled, _int32(self.template_parents))
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
-        drafting = self._paying(self.values, classes, num_nodes, threshold, len(rows))
         trees = [no_tree] * len(req_ids)
+        if self._sized_budget:
+            kept = self._select(self.values.rate()[classes], parents, num_nodes, len(rows))
+            for i in np.nonzero(kept.any(axis=1))[0]:
+                nodes = np.nonzero(kept[i])[0]  # in layout order: parents first
+                index = np.full(len(kept[i]) + 1, -1, dtype=np.int64)
+                index[nodes] = np.arange(len(nodes))
+                window = int(used_columns[i]) * int(filled[i])
+                # A window cut short is not advanced (as if trimmed by the scheduler).
+                w = int(used_columns[i]) if kept[i, :window].all() else 0
+                trees[i] = (tokens[i, nodes].tolist(), index[parents[i, nodes]].tolist())
+                self._layouts[req_ids[i]] = (w, int(filled[i]), classes[i, nodes])
+                self._stats[0] += 1
+                self._stats[1] += len(nodes)
+            return trees
+        drafting = self._paying(self.values, classes, num_nodes, threshold, len(rows))
         for i in drafting:
             n = num_nodes[i]
             trees[i] = (tokens[i, :n].tolist(), parents[i, :n].tolist())
