@@ -484,6 +484,20 @@ def test_measured_budget_drops_trees_that_do_not_cover_their_own_cost(proposer):
     assert set(drafts.trees) == {"a"}
 
 
+def test_node_values_shrink_a_rarely_offered_class_to_the_pooled_rate():
+    values = NodeValues(3)
+    for _ in range(200):  # class 0 verified every step, accepted 1 in 20
+        values.update(np.array([0]), np.array([0]) if values.offered[0] % 20 < 1 else
+                      np.zeros(0, np.int64))
+    values.update(np.array([1]), np.zeros(0, np.int64))  # class 1 once, rejected
+    pooled = values.accepted.sum() / values.offered.sum()
+    assert 0.02 < pooled < 0.1
+    # Near the pooled rate, not at a prior of one half (0.25 after one
+    # rejection, which kept such classes in every tree).
+    assert values.rate()[1] < pooled and values.rate()[2] < 0.1
+    assert values.estimate()[2] > values.rate()[0]  # still tried first
+
+
 def sized(proposer, seconds: dict[int, float]):
     """Forward seconds measured for decode steps of these sizes (tokens)."""
     for size, t in seconds.items():

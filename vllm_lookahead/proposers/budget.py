@@ -452,9 +452,15 @@ class NodeValues:
         self.accepted = np.zeros(classes)
 
     def rate(self) -> np.ndarray:
-        """Smoothed acceptance rate per class (a prior of one half, worth
-        one verification)."""
-        return (self.accepted + 0.5) / (self.offered + 1.0)
+        """Smoothed acceptance rate per class: the prior, worth one
+        verification, is the rate over all classes (itself from a prior of
+        one half). With one half for every class, the classes rarely offered
+        (deep template nodes, their counts decayed to one or two
+        verifications) stayed at 0.2-0.5 and filled the trees: Qwen2.5-Coder
+        -1.5B on Spec-Bench drafted 11.5 nodes a tree at 0.1 accepted tokens
+        a node, a third of its 78 classes seen less than twice."""
+        pooled = (self.accepted.sum() + 0.5) / (self.offered.sum() + 1.0)
+        return (self.accepted + pooled) / (self.offered + 1.0)
 
     def estimate(self) -> np.ndarray:
         """Optimistic acceptance probability per class: the rate plus a
