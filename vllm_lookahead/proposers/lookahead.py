@@ -238,9 +238,9 @@ class LookaheadProposer:
         the step keeps the prefix of the highest net gain: expected accepted
         tokens less the tokens a plain step would produce in the time the
         prefix adds to the forward, priced by the step's size
-        (``StepCostModel.decode_seconds``); none where no prefix gains. ``values`` and ``parents`` [rows,
-        width] (parents before children, -1: under the root), the first
-        ``num_nodes`` of each row valid."""
+        (``StepCostModel.decode_seconds``); none where no prefix gains.
+        ``values`` and ``parents`` [rows, width] (parents before children,
+        -1: under the root), the first ``num_nodes`` of each row valid."""
         rows, width = values.shape
         kept = np.zeros((rows, width), dtype=bool)
         valid = np.arange(width) < num_nodes[:, None]
