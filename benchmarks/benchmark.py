@@ -51,6 +51,8 @@ STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": 
           "staged-tree-static": {"budget": "static"}}
 # Token recycling on (opt-in), and alone.
 RECYCLING = {"lookahead-tree-recycle": {"recycle": True},
+             # The measured budget's bar as priced, not tuned by realized speed.
+             "lookahead-tree-untuned": {"tune_bar": False},
              # The default before recycling and the context-match chain were on.
              "lookahead-tree-pool-only": {"recycle": False, "chain": 0},
              "lookahead-tree-static-recycle": {"recycle": True, "budget": "static"},

@@ -11,8 +11,9 @@ import torch
 from conftest import fit_costs
 from vllm_lookahead import LookaheadProposer, ops
 from vllm_lookahead import vllm as vllm_patches
-from vllm_lookahead.proposers.budget import (MIN_STEPS, PROBE_DRAFTS, REPROBE_STEPS, NodeValues,
-                                             StepCostModel, nonnegative_least_squares)
+from vllm_lookahead.proposers.budget import (BAR_SCALES, MIN_STEPS, PROBE_DRAFTS, REPROBE_STEPS,
+                                             BarTuner,
+                                             NodeValues, StepCostModel, nonnegative_least_squares)
 from vllm_lookahead.proposers.jacobi import (JacobiWindow, fit_tree, num_classes,
                                               reference_tree_layouts, tree_layout)
 from vllm_lookahead.tree.protocol import BatchInfo, DraftInputs, Drafts, Verification
@@ -69,7 +70,8 @@ def make_proposer(**lookahead) -> LookaheadProposer:
         device_config=SimpleNamespace(device_type="cpu"),
         scheduler_config=SimpleNamespace(max_num_seqs=4),
         additional_config={"lookahead": {"ngram": 3, "window": 3, "guesses": 2,
-                                         "budget": "static", **lookahead}},
+                                         "budget": "static", "tune_bar": False,
+                                         **lookahead}},
     )
     return LookaheadProposer(config)
 
@@ -496,6 +498,57 @@ def test_node_values_shrink_a_rarely_offered_class_to_the_pooled_rate():
     # rejection, which kept such classes in every tree).
     assert values.rate()[1] < pooled and values.rate()[2] < 0.1
     assert values.estimate()[2] > values.rate()[0]  # still tried first
+
+
+def test_a_budget_that_cut_every_class_drafts_again():
+    """Every class learned below the bar: no tree. Steps that verify nothing
+    still age the counts, so the estimates drift back and trees are tried
+    again (aged only on verifications, such an engine never drafted again)."""
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    trained(trained_proposer := make_proposer(recycle=False, chain=0), threshold=0.3,
+            window_rate=0.05, candidate_rate=0.1)
+    steps = 0
+    while propose(trained_proposer, {"a": history}) == [[]]:
+        steps += 1
+        assert steps < 2000, "the budget never drafted again"
+    assert steps > 10  # not at once: the learned rates hold for a while
+
+
+def tuned(reward, steps: int, seed: int = 0) -> BarTuner:
+    """A tuner after ``steps`` steps whose realized throughput over a plain
+    step's is ``reward(scale)`` plus noise."""
+    tuner = BarTuner(seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for _ in range(steps):
+        scale = tuner.choose()
+        tuner.observe(reward(scale) * rng.choice([0.5, 1.0, 1.5]))
+    return tuner
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bar_tuner_walks_to_the_scale_that_pays_most(seed):
+    # Drafts pay most at twice the bar (a budget pricing nodes too cheap).
+    peak = lambda scale: 1.0 if np.isinf(scale) else 1.3 - 0.2 * abs(np.log2(scale) - 1.0)
+    assert tuned(peak, 3000, seed).best_scale == 2.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_bar_tuner_stops_drafting_where_no_draft_pays(seed):
+    """Every scale realizes less than a plain step (host time the fit does
+    not see): the bar walks up to drafting nothing."""
+    losing = lambda scale: 1.0 if np.isinf(scale) else 0.85 + 0.02 * np.log2(scale)
+    assert np.isinf(tuned(losing, 3000, seed).best_scale)
+
+
+def test_tuner_scale_reaches_the_proposer_bar():
+    history = [1, 2, 3, 4, 1, 2, 5, 1]
+    proposer = trained(make_proposer(recycle=False, chain=0, tune_bar=True), threshold=0.02)
+    proposer.tuner._best = BAR_SCALES.index(np.inf)
+    proposer.tuner._explore = 0.0
+    assert propose(proposer, {"a": history}) == [[]] and np.isinf(proposer._threshold)
+    proposer.tuner._best = BAR_SCALES.index(4.0)
+    propose(proposer, {"a": history})
+    assert proposer._threshold == pytest.approx(0.08)
 
 
 def sized(proposer, seconds: dict[int, float]):

@@ -24,7 +24,8 @@ def make_proposer(k=4, max_num_seqs=4, max_model_len=64, **lookahead):
                                      get_vocab_size=lambda: 100),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         additional_config={"lookahead": {"mode": "linear", "ngram": 3, "key_len": 1,
-                                         "budget": "static", **lookahead}},
+                                         "budget": "static", "tune_bar": False,
+                                         **lookahead}},
     )
     return LookaheadProposer(config)
 

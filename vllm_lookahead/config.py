@@ -152,6 +152,10 @@ class LookaheadConfig(_AdditionalConfig):
                 num_speculative_tokens), otherwise one more than were
                 accepted. Rejected draft tokens cost target compute, so this
                 keeps the verified batch small where guesses fail.
+    tune_bar:   with the measured budget: scale the bar by the multiple
+                (0.35x .. 4x, or no drafts) that gives the most tokens per
+                second in the engine's own step times, tried online
+                (``budget.BarTuner``); False: the bar as the budget prices it.
     """
 
     mode: str = "tree"
@@ -172,6 +176,7 @@ class LookaheadConfig(_AdditionalConfig):
     recycle_depth: int = 8
     chain: int = 8
     adaptive: bool = True
+    tune_bar: bool = True
 
     key: ClassVar[str] = CONFIG_KEY
 
@@ -190,7 +195,7 @@ class LookaheadConfig(_AdditionalConfig):
         for name in ("window", "guesses", "max_tree_tokens", "chain"):
             self._integer(name, 0)
         self._pool_sizes()
-        for name in ("shared_pool", "adaptive", "pool_from_prompt", "recycle"):
+        for name in ("shared_pool", "adaptive", "pool_from_prompt", "recycle", "tune_bar"):
             self._boolean(name)
         for name in ("recycle_ranks", "recycle_nodes", "recycle_depth"):
             self._integer(name, 1)

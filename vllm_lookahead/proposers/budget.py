@@ -70,6 +70,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -473,10 +474,42 @@ class NodeValues:
     def update(self, offered: np.ndarray, accepted: np.ndarray) -> None:
         """One verification step: class ids of every verified node and of
         every accepted node (repeats allowed)."""
-        self.offered *= COUNT_DECAY
-        self.accepted *= COUNT_DECAY
+        self.age()
         np.add.at(self.offered, offered, 1.0)
         np.add.at(self.accepted, accepted, 1.0)
+
+    def age(self) -> None:
+        """One step passed (``update`` ages the counts itself): also called
+        on steps that verified nothing, so that estimates cut below the bar
+        drift back to the prior and are tried again. Aged only on
+        verifications, a budget whose every class fell below the bar
+        verified nothing again for the rest of the engine's life (Qwen2.5-
+        Coder-1.5B on Spec-Bench: S 1.00, 0.92x plain)."""
+        self.offered *= COUNT_DECAY
+        self.accepted *= COUNT_DECAY
+
+
+class StepRecord(NamedTuple):
+    """One engine step as timed by :class:`StepTimer`."""
+
+    n_plain: int  # scheduled tokens that were neither draft nodes nor prompt
+    n_tree: int  # draft nodes
+    n_prefill: int  # prompt tokens
+    forward_seconds: float
+    step_seconds: float | None  # since the previous step (None: the first)
+    produced: int
+
+    def realized_ratio(self, cost: StepCostModel) -> float | None:
+        """Tokens produced per second over a plain decode step's of the same
+        requests (whole step time, host included, by the cost model's
+        sizes); None for steps that read prompt tokens, or untimed."""
+        if self.n_prefill or not self.step_seconds or self.n_plain <= 0:
+            return None
+        plain = float(cost.decode_seconds(self.n_plain, np.zeros(1), np.zeros(1))[0])
+        plain += cost.overhead_seconds
+        if plain <= 0:
+            return None
+        return self.produced / self.n_plain * plain / self.step_seconds
 
 
 class StepTimer:
@@ -517,12 +550,16 @@ class StepTimer:
         self._last_bind, self._forward_started = now, None
         self._excluded = 0.0
 
-    def observe(self, produced: int) -> None:
-        if self._step is not None:
-            n_plain, n_tree, n_trees, forward, step, n_prefill = self._step
-            self._step = None
-            self.cost.observe(n_plain, n_tree, n_trees, forward, step, produced, n_prefill)
-            self.step_seconds += forward + self.cost.overhead_seconds
+    def observe(self, produced: int) -> StepRecord | None:
+        """The last step, now that its produced tokens are known (None
+        before the first timed step)."""
+        if self._step is None:
+            return None
+        n_plain, n_tree, n_trees, forward, step, n_prefill = self._step
+        self._step = None
+        self.cost.observe(n_plain, n_tree, n_trees, forward, step, produced, n_prefill)
+        self.step_seconds += forward + self.cost.overhead_seconds
+        return StepRecord(n_plain, n_tree, n_prefill, forward, step, produced)
 
     def exclude(self, seconds: float) -> None:
         self._excluded += seconds
@@ -637,3 +674,106 @@ class ScoreCalibration(NodeValues):
     def of(self, scores: np.ndarray) -> np.ndarray:
         """Estimated acceptance probability of nodes with these scores."""
         return self.estimate()[self.classes(scores)]
+
+
+# Multipliers of the measured bar (the cost side of a node's net gain) that
+# ``BarTuner`` chooses from; the last (inf) drafts nothing.
+BAR_SCALES = (0.35, 0.5, 0.71, 1.0, 1.41, 2.0, 2.83, 4.0, np.inf)
+# Weight of past steps in each scale's realized throughput (per step of any
+# scale): a half-life of ~230 steps, a few requests at batch 1.
+TUNER_DECAY = 0.997
+# Share of steps that try a neighbour of the best scale.
+TUNER_EXPLORE = 0.1
+# Decayed steps a scale needs before its mean is compared with the best's.
+TUNER_MIN_STEPS = 8.0
+# A step's realized throughput over a plain step's is clipped to this (an
+# idle gap or a stall must not decide alone).
+TUNER_MAX_RATIO = 8.0
+
+
+class BarTuner:
+    """Closes the loop on the measured budget: which multiple of the bar
+    (``BAR_SCALES``, up to drafting nothing) gives the most tokens per
+    second, by the engine's own step times.
+
+    The budget prices nodes by a fitted cost and estimated acceptance; both
+    can be off (host time the fit does not see, acceptance that depends on
+    the request), and then a default that drafts costs more than it gains,
+    or gives up on drafts that paid. Each decode step runs under one scale;
+    its realized throughput, tokens produced per request over the step's
+    whole time (host time included) relative to a plain decode step of the
+    same requests, is credited to that scale. The scale with the best
+    decayed mean is used, and on ``TUNER_EXPLORE`` of the steps one of its
+    rivals (``_rivals``), which takes over once it is ahead by more than the
+    noise. Untried rivals are tried first."""
+
+    def __init__(self, seed: int = 0, explore: float = TUNER_EXPLORE) -> None:
+        self._rng = np.random.default_rng(seed)
+        self._explore = explore
+        self._sum = np.zeros(len(BAR_SCALES))
+        self._squares = np.zeros(len(BAR_SCALES))
+        self._count = np.zeros(len(BAR_SCALES))
+        self._best = BAR_SCALES.index(1.0)
+        self._pending: int | None = None
+
+    @property
+    def means(self) -> np.ndarray:
+        """Realized throughput over a plain step's, per scale (nan: untried)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self._count > 0, self._sum / self._count, np.nan)
+
+    @property
+    def best_scale(self) -> float:
+        return float(BAR_SCALES[self._best])
+
+    def _rivals(self) -> list[int]:
+        """The scales tried besides the best: its neighbours, the bar as
+        priced (1x) and no drafts at all (so a bar that loses to plain
+        decoding stops drafting at once, not a scale at a time)."""
+        best = self._best
+        return sorted({i for i in (best - 1, best + 1, BAR_SCALES.index(1.0),
+                                   len(BAR_SCALES) - 1)
+                       if 0 <= i < len(BAR_SCALES) and i != best})
+
+    def choose(self) -> float:
+        """The scale of the coming step."""
+        rivals = self._rivals()
+        untried = [i for i in rivals if self._count[i] < TUNER_MIN_STEPS]
+        arm = self._best
+        if self._rng.random() < self._explore:
+            arm = int(self._rng.choice(untried or rivals))
+        self._pending = arm
+        return float(BAR_SCALES[arm])
+
+    def skip(self) -> None:
+        """The coming step is not credited to any scale (nothing could be
+        drafted in it, whatever the scale)."""
+        self._pending = None
+
+    def observe(self, ratio: float) -> None:
+        """The realized throughput of the step of the last ``choose``, over a
+        plain step's."""
+        if self._pending is None:
+            return
+        arm, self._pending = self._pending, None
+        ratio = min(max(ratio, 0.0), TUNER_MAX_RATIO)
+        for sums in (self._sum, self._squares, self._count):
+            sums *= TUNER_DECAY
+        self._sum[arm] += ratio
+        self._squares[arm] += ratio * ratio
+        self._count[arm] += 1.0
+        best = self._best
+        if self._count[best] < TUNER_MIN_STEPS:
+            return
+        means = self.means
+        variance = np.maximum(self._squares / np.maximum(self._count, 1e-12) - means ** 2, 0.0)
+        # A neighbour takes over only when it is ahead by more than the
+        # standard error of the difference: a step's tokens vary several-fold
+        # (one, or a whole accepted path), and on raw means the bar wandered
+        # between scales a few percent apart.
+        margins = {i: means[i] - means[best] - np.sqrt(variance[i] / self._count[i]
+                                                       + variance[best] / self._count[best])
+                   for i in self._rivals() if self._count[i] >= TUNER_MIN_STEPS}
+        ahead = {i: m for i, m in margins.items() if m > 0}
+        if ahead:
+            self._best = max(ahead, key=ahead.get)

@@ -31,7 +31,8 @@ import torch
 
 from vllm_lookahead import ops, vllm as vllm_patches
 from vllm_lookahead.config import LookaheadConfig
-from vllm_lookahead.proposers.budget import PROBE_DRAFTS, NodeValues, StepCostModel, StepTimer
+from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, BarTuner, NodeValues, StepCostModel,
+                                             StepTimer)
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.proposers.recycle import (SuccessorTable, chain_depths, chain_tokens,
@@ -114,6 +115,10 @@ class LookaheadProposer:
         # class per depth.
         self.chain_values = NodeValues(self.k)
         self.timer = StepTimer(self.cost)
+        # Multiple of the bar chosen by realized throughput (measured budget).
+        self.tuner = BarTuner()
+        self._scale = 1.0  # of the coming step
+        self._drafted_tokens = 0  # in the last step
         self._threshold = 0.0  # acceptance bar of the last drafting step
         self._proposer_seconds = 0.0
         # trees, nodes, accepted tokens, pool lookups, pool hits
@@ -200,9 +205,16 @@ class LookaheadProposer:
 
     def _bar(self, n_requests: int) -> float:
         """The acceptance probability a draft node needs this step, at the
-        nodes its trees are expected to hold (0 with the static budget)."""
-        bar = (self.cost.threshold(n_requests, round(n_requests * self.cost.nodes_per_tree))
-               if self.config.budget == "measured" else 0.0)
+        nodes its trees are expected to hold, times the scale the
+        ``BarTuner`` chose for the step (0 with the static budget)."""
+        self._scale = 1.0
+        if self.config.budget != "measured":
+            bar = 0.0
+        else:
+            bar = self.cost.threshold(n_requests, round(n_requests * self.cost.nodes_per_tree))
+            if np.isfinite(bar) and self.config.tune_bar:
+                self._scale = self.tuner.choose()
+                bar = bar * self._scale if np.isfinite(self._scale) else np.inf
         self._threshold = bar
         return bar
 
@@ -220,12 +232,12 @@ class LookaheadProposer:
             return drafting
         valid = np.arange(classes.shape[1]) < num_nodes[:, None]
         gain = np.where(valid, values.rate()[classes] - threshold, 0.0).sum(axis=1)
-        gain -= self.cost.tree_cost_tokens(n_requests)
+        gain -= self._scale * self.cost.tree_cost_tokens(n_requests)
         drafting = drafting[gain[drafting] > 0]
         if not self.cost.draft_costs_known:  # probing: the best few
             best = np.argsort(-gain[drafting], kind="stable")[:PROBE_DRAFTS]
             drafting = np.sort(drafting[best])
-        if gain[drafting].sum() < self.cost.fixed_cost_tokens(n_requests):
+        if gain[drafting].sum() < self._scale * self.cost.fixed_cost_tokens(n_requests):
             drafting = drafting[:0]
         return drafting
 
@@ -238,7 +250,8 @@ class LookaheadProposer:
         the step keeps the prefix of the highest net gain: expected accepted
         tokens less the tokens a plain step would produce in the time the
         prefix adds to the forward, priced by the step's size
-        (``StepCostModel.decode_seconds``); none where no prefix gains.
+        (``StepCostModel.decode_seconds``) and scaled by the step's
+        ``BarTuner`` scale; none where no prefix gains.
         ``values`` and ``parents`` [rows, width] (parents before children,
         -1: under the root), the first ``num_nodes`` of each row valid."""
         rows, width = values.shape
@@ -261,8 +274,8 @@ class LookaheadProposer:
         counts = np.arange(1, len(row) + 1)
         seconds = self.cost.decode_seconds(n_requests, np.concatenate([[0], counts]),
                                            np.concatenate([[0], np.cumsum(new_tree)]))
-        net = np.concatenate([[0.0], gain]) - (seconds - seconds[0]) * self.cost.decode_rate(
-            n_requests)
+        net = np.concatenate([[0.0], gain]) - self._scale * (
+            seconds - seconds[0]) * self.cost.decode_rate(n_requests)
         best = int(np.argmax(net))
         kept[row[:best], col[:best]] = True
         return kept
@@ -284,8 +297,9 @@ class LookaheadProposer:
                 or self.cost.draft_costs_known):
             return True
         best = np.maximum(self.values.rate() - threshold, 0.0).sum()
-        best -= self.cost.tree_cost_tokens(n_requests)
-        return best > 0 and n_requests * best >= self.cost.fixed_cost_tokens(n_requests)
+        best -= self._scale * self.cost.tree_cost_tokens(n_requests)
+        return (best > 0 and n_requests * best
+                >= self._scale * self.cost.fixed_cost_tokens(n_requests))
 
     def propose(self, sampled_token_ids: list[list[int]], num_tokens_no_spec: np.ndarray,
                 token_ids_cpu: np.ndarray, slot_mappings: Any = None) -> list[list[int]]:
@@ -302,11 +316,18 @@ class LookaheadProposer:
                 "vllm_lookahead patch of GPUModelRunner is not active")
         self._batch_req_ids = None
         started = time.perf_counter()
-        self.timer.observe(sum(len(sampled) for sampled in inputs.sampled_token_ids))
+        step = self.timer.observe(sum(len(sampled) for sampled in inputs.sampled_token_ids))
+        ratio = step.realized_ratio(self.cost) if step is not None else None
+        if ratio is not None:
+            self.tuner.observe(ratio)
+        self.tuner.skip()  # until _bar chooses a scale for the coming step
+        if not self._drafted_tokens:  # the last step verified nothing
+            self.values.age()
+            self.chain_values.age()
         drafts = self._propose(req_ids, inputs.sampled_token_ids, inputs.num_tokens,
                                inputs.token_ids)
-        self.timer.drafted(sum(len(d) for d in drafts.tokens),
-                           sum(1 for d in drafts.tokens if d))
+        self._drafted_tokens = sum(len(d) for d in drafts.tokens)
+        self.timer.drafted(self._drafted_tokens, sum(1 for d in drafts.tokens if d))
         self._proposer_seconds += time.perf_counter() - started
         self._steps += 1
         if self._steps % STATS_EVERY_STEPS == 0:
@@ -595,12 +616,12 @@ class LookaheadProposer:
             "vllm_lookahead: %d steps, %d with trees: %.1f nodes and %.2f accepted "
             "tokens per tree (tokens per target forward: %.2f), pool hit rate "
             "%.0f%%; budget: node cost %.2f ms, tree cost %.2f ms, tree-step cost %.2f ms, host "
-            "overhead %.1f ms/step, %.1f tok/s, acceptance threshold %.2f; "
+            "overhead %.1f ms/step, %.1f tok/s, acceptance threshold %.2f (bar scale %.2g); "
             "proposer %.1f%% of step time",
             self._steps, trees, nodes / max(trees, 1), accepted_total / max(trees, 1),
             1 + accepted_total / max(trees, 1), 100 * hits / max(lookups, 1),
             1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_seconds,
             1e3 * self.cost.tree_step_seconds,
             1e3 * self.cost.overhead_seconds,
-            self.cost.tokens_per_second, self._threshold,
+            self.cost.tokens_per_second, self._threshold, self.tuner.best_scale,
             100 * self._proposer_seconds / max(self.timer.step_seconds, 1e-9))
