@@ -31,6 +31,35 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+# The lookahead default, and the fixed configurations it must keep up with
+# wherever they beat plain vLLM: vLLM's n-gram chain and our static budgets.
+DEFAULT = "lookahead-tree"
+FIXED = ("vllm-ngram", "lookahead-tree-static", "lookahead-linear-static",
+         "lookahead-tree-static-recycle", "recycle-only-static")
+
+
+def default_against_fixed(cells: dict[tuple[str, int, str], dict[str, Any]],
+                          batch_sizes: list[int]) -> list[str]:
+    """Lines comparing the default with the fastest fixed configuration of
+    the run at each batch size (where both ran)."""
+    lines = []
+    for batch in batch_sizes:
+        default = cells.get((DEFAULT, batch, "all"))
+        fixed = [c for m in FIXED if (c := cells.get((m, batch, "all")))]
+        plain = cells.get((PLAIN, batch, "all"))
+        if default is None or not fixed:
+            continue
+        best = max(fixed, key=lambda c: c["tokens_per_s"])
+        beats_plain = plain is not None and best["tokens_per_s"] > plain["tokens_per_s"]
+        lines.append(
+            f"\nBatch {batch}: {DEFAULT} (default) at "
+            f"{default['tokens_per_s'] / best['tokens_per_s']:.2f}x the fastest fixed "
+            f"configuration, {best['method']}"
+            + (" (which beats plain vLLM)" if beats_plain else " (not faster than plain vLLM)")
+            + ".")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     cells = _cells(results)
     machine = results["machine"]
@@ -53,10 +82,10 @@ def markdown(results: dict[str, Any]) -> str:
     drafting = any(c.get("draft_forwards_per_step") for c in results["cells"])
     lines += [
         "| batch | method | tok/s | vs plain " + ("| vs off " if paired else "")
-        + "| tokens / target forward | accepted / draft "
+        + "| tokens / target forward | accepted / draft | accepted / node "
         + ("| draft forwards / step " if drafting else "")
         + "| TTFT ms | TPOT ms | identical |",
-        "| --- " * (9 + drafting + paired) + "|",
+        "| --- " * (10 + drafting + paired) + "|",
     ]
     for batch in results["batch_sizes"]:
         plain = cells.get((PLAIN, batch, "all"))
@@ -70,9 +99,11 @@ def markdown(results: dict[str, Any]) -> str:
                 + (f"| {_fmt(c.get('vs_off'))}{'x' if c.get('vs_off') else ''} "
                    if paired else "")
                 + f"| {_fmt(c['compression'])} | {_fmt(c['mean_accepted'])} "
+                + f"| {_fmt(c['accepted'] / c['draft_tokens'] if c['draft_tokens'] else None, 3)} "
                 + (f"| {_fmt(c.get('draft_forwards_per_step'))} " if drafting else "")
                 + f"| {_fmt(c['ttft_ms'], 0)} | {_fmt(c['tpot_ms'], 1)} "
                 f"| {'yes' if c['identical'] else 'NO'} |")
+    lines += default_against_fixed(cells, results["batch_sizes"])
     for name, reason in results.get("skipped", {}).items():
         lines.append(f"\n`{name}` did not run here: {reason}")
     categories = sorted({c["category"] for c in results["cells"]} - {"all"})

@@ -86,9 +86,14 @@ def test_report_tables_and_readme_section(tmp_path):
     cells = [Cell("plain-vllm", 1, c, output_tokens=10, seconds=1.0, identical=True).summary()
              for c in ("all", "coding")]
     cells += [Cell("lookahead-tree", 1, c, output_tokens=10, seconds=0.5, accepted=5, drafts=5,
-                   accepted_per_pos=[5], identical=True).summary() for c in ("all", "coding")]
+                   draft_tokens=20, accepted_per_pos=[5], identical=True).summary()
+              for c in ("all", "coding")]
+    cells.append(Cell("vllm-ngram", 1, "all", output_tokens=10, seconds=0.4,
+                      identical=True).summary())
     text = markdown(_results(cells))
-    assert "| 1 | lookahead-tree | 20.0 | 2.00x | 2.00 | 1.00 |" in text
+    assert "| 1 | lookahead-tree | 20.0 | 2.00x | 2.00 | 1.00 | 0.250 |" in text
+    assert ("Batch 1: lookahead-tree (default) at 0.80x the fastest fixed configuration, "
+            "vllm-ngram (which beats plain vLLM).") in text
     assert "| coding | 2.00x (2.00) |" in text
     assert "`vllm-suffix` did not run here: ImportError: x" in text
     results = tmp_path / "results.json"
