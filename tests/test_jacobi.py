@@ -161,6 +161,23 @@ def test_chain_branch_offers_the_context_match():
     assert propose(proposer, {"a": [1, 2, 3]})[0] == []
 
 
+def test_chain_nodes_are_classed_by_their_match_length(proposer):
+    """A chain after a 2-token match and one after a 1-token match are
+    priced apart: with 1-token chains never accepted and 2-token ones mostly,
+    only the second is drafted."""
+    proposer = make_proposer(window=0, guesses=0, recycle=False, chain=3, tune_bar=False)
+    two, one = [1, 2, 3, 4, 1, 2], [5, 6, 7, 5]
+    propose(proposer, {"a": two, "b": one})
+    depths = np.arange(3)
+    np.testing.assert_array_equal(proposer._layouts["a"][2], proposer._chain_class(2, depths))
+    np.testing.assert_array_equal(proposer._layouts["b"][2], proposer._chain_class(1, depths))
+    trained(proposer, threshold=0.3)
+    proposer.values.accepted[proposer._chain_class(1, depths)] = 0.0
+    proposer.values.accepted[proposer._chain_class(2, depths)] = 0.9e4
+    drafts = propose(proposer, {"a": two, "b": one})
+    assert drafts[0] == [3, 4, 1] and drafts[1] == []
+
+
 def test_chain_and_recycled_nodes_share_one_trie():
     proposer = make_proposer(window=0, guesses=0, chain=3, recycle_nodes=2, recycle_ranks=2)
     proposer.successors.update(np.array([2, 3], np.int32), np.array([[3, 7], [8, 9]], np.int32))

@@ -110,26 +110,28 @@ def test_successor_table_drops_tokens_outside_the_vocabulary():
                                                                       [-1, -1, -1]]
 
 
-def _longest_match_reference(context: list[int], length: int, max_ngram: int) -> list[int]:
+def _longest_match_reference(context: list[int], length: int,
+                             max_ngram: int) -> tuple[list[int], int]:
     """Brute force: the longest suffix (<= max_ngram) seen earlier, its
-    earliest occurrence, what followed it."""
+    earliest occurrence, what followed it; and the suffix's length."""
     n = len(context)
     for size in range(min(max_ngram, n - 1), 0, -1):
         suffix = context[n - size:]
         for start in range(n - size):
             if context[start:start + size] == suffix:
-                return context[start + size:start + size + length]
-    return []
+                return context[start + size:start + size + length], size
+    return [], 0
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=30), min_size=1, max_size=4),
        st.integers(1, 6), st.integers(1, 4))
 def test_chain_tokens_match_the_reference(contexts, length, max_ngram):
-    out = chain_tokens([np.asarray(c, np.int32) for c in contexts], length, max_ngram)
-    for row, context in zip(out, contexts):
-        expected = _longest_match_reference(context, length, max_ngram)
+    out, sizes = chain_tokens([np.asarray(c, np.int32) for c in contexts], length, max_ngram)
+    for row, size, context in zip(out, sizes, contexts):
+        expected, expected_size = _longest_match_reference(context, length, max_ngram)
         assert row.tolist() == expected + [-1] * (length - len(expected))
+        assert size == expected_size
 
 
 @pytest.mark.parametrize("nodes,chain", [(48, 8), (0, 5), (3, 1)])

@@ -35,8 +35,8 @@ from vllm_lookahead.proposers.budget import (PROBE_DRAFTS, BarTuner, NodeValues,
                                              StepTimer)
 from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
-from vllm_lookahead.proposers.recycle import (SuccessorTable, chain_depths, chain_tokens,
-                                               tree_template)
+from vllm_lookahead.proposers.recycle import (CHAIN_MAX_NGRAM, SuccessorTable, chain_depths,
+                                               chain_tokens, tree_template)
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftInputs, Drafts, Predictions,
                                           Verification)
 
@@ -109,8 +109,13 @@ class LookaheadProposer:
         # Measured budget (tree mode): step-time fit and per-class
         # acceptance estimates (``budget.py``).
         self.cost = StepCostModel()
-        self.values = NodeValues(num_classes(self.config.ngram - 1, self.config.window,
-                                             MAX_RANKS, len(self.template_parents)))
+        # Node classes: the layout's (window, candidates, template nodes), then
+        # the chain's by the length of its context match and its depth (a
+        # chain after a 4-token match is accepted several times as often as
+        # one after a 1-token match).
+        self._chain_classes = num_classes(self.config.ngram - 1, self.config.window, MAX_RANKS,
+                                          len(self.template_parents))
+        self.values = NodeValues(self._chain_classes + CHAIN_MAX_NGRAM * chain)
         # Chains (linear mode, and batches the runtime cannot verify): a
         # class per depth.
         self.chain_values = NodeValues(self.k)
@@ -500,13 +505,14 @@ class LookaheadProposer:
         candidate_lens = np.where(ranks < guesses[:, None],
                                   depth_pays[np.minimum(ranks, MAX_RANKS - 1)], 0)
         caps = np.clip(self.max_model_len - lengths, 0, per_request)
-        recycled = self._recycled_trees(rows, lengths, token_ids_cpu,
-                                        value[recycled_start:], threshold)
+        recycled, match_sizes = self._recycled_trees(rows, lengths, token_ids_cpu, value,
+                                                     recycled_start, threshold)
         layout = ops.lookahead_tree_layout(
             _int32(np.stack([window.levels for window in windows])), _int32(filled),
             _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS,
             recycled, _int32(self.template_parents))
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
+        classes = self._chain_node_classes(classes, recycled_start, match_sizes)
         trees = [no_tree] * len(req_ids)
         if self._sized_budget:
             kept = self._select(self.values.rate()[classes], parents, num_nodes, len(rows))
@@ -531,13 +537,20 @@ class LookaheadProposer:
         self._stats[1] += int(num_nodes[drafting].sum())
         return trees
 
+    def _chain_class(self, sizes: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """Class of the chain node at ``depths`` (0-based) after a context
+        match of ``sizes`` tokens (>= 1)."""
+        return self._chain_classes + (sizes - 1) * self.config.chain + depths
+
     def _recycled_trees(self, rows, lengths, token_ids_cpu, value: np.ndarray,
-                        threshold: float) -> torch.Tensor:
+                        recycled_start: int, threshold: float) -> tuple[torch.Tensor, np.ndarray]:
         """int32 [len(rows), T]: the template read from each row's last
         token (recycled nodes) and its context-match chain (chain nodes);
-        template nodes whose estimated acceptance is below the bar are
-        disabled, and with them their subtrees."""
-        enabled = value >= threshold
+        nodes whose class's estimated acceptance (``value``, all classes;
+        template node j's class is ``recycled_start + j``, a chain node's its
+        match length and depth) is below the bar are disabled, and with them
+        their subtrees. Also each row's match length (0: no chain)."""
+        enabled = value[recycled_start:recycled_start + len(self.template_parents)] >= threshold
         is_chain = self.template_chain >= 0
         if self.successors is not None:
             roots = token_ids_cpu[rows, lengths - 1]
@@ -545,14 +558,33 @@ class LookaheadProposer:
             trees = self.successors.trees(roots, self.template_parents, ranks)
         else:
             trees = torch.full((len(rows), len(self.template_parents)), -1, dtype=torch.int32)
+        sizes = np.zeros(len(rows), dtype=np.int64)
         if is_chain.any():
             slots = np.nonzero(is_chain)[0]  # in depth order
             depths = self.template_chain[slots]
-            on = np.cumprod(enabled[slots]).astype(bool)
-            chains = chain_tokens([token_ids_cpu[row, :n] for row, n in zip(rows, lengths)],
-                                  int(depths.max()) + 1)
-            trees[:, slots[on]] = torch.from_numpy(chains[:, depths[on]])
-        return trees
+            chains, sizes = chain_tokens([token_ids_cpu[row, :n] for row, n in zip(rows, lengths)],
+                                         int(depths.max()) + 1)
+            matched = sizes > 0
+            classes = self._chain_class(np.maximum(sizes, 1)[:, None], depths[None, :])
+            on = np.cumprod(value[classes] >= threshold, axis=1).astype(bool) & matched[:, None]
+            trees[:, slots] = torch.from_numpy(np.where(on, chains[:, depths], -1).astype(np.int32))
+        return trees, sizes
+
+    def _chain_node_classes(self, classes: np.ndarray, recycled_start: int,
+                            match_sizes: np.ndarray) -> np.ndarray:
+        """The layout's classes [rows, width] with each chain node's template
+        class replaced by its class by match length and depth."""
+        template = len(self.template_parents)
+        if not (self.template_chain >= 0).any():
+            return classes
+        slot = classes - recycled_start
+        in_template = (slot >= 0) & (slot < template)
+        depth = np.where(in_template, self.template_chain[np.clip(slot, 0, template - 1)], -1)
+        chain = depth >= 0
+        if not chain.any():
+            return classes
+        sizes = np.broadcast_to(np.maximum(match_sizes, 1)[:, None], classes.shape)
+        return np.where(chain, self._chain_class(sizes, np.maximum(depth, 0)), classes)
 
     def observe_predictions(self, predictions: Predictions) -> None:
         """A step without trees: its rows' top-k go into the successor

@@ -82,12 +82,23 @@ def chain_depths(parents: np.ndarray, ranks: np.ndarray) -> np.ndarray:
     return depths
 
 
-def chain_tokens(contexts: list[np.ndarray], length: int, max_ngram: int = 3) -> np.ndarray:
+# Longest context suffix the chain matches, and so the number of match sizes
+# whose chains the budget prices apart.
+CHAIN_MAX_NGRAM = 4
+
+
+def chain_tokens(contexts: list[np.ndarray], length: int,
+                 max_ngram: int = CHAIN_MAX_NGRAM) -> tuple[np.ndarray, np.ndarray]:
     """int32 [len(contexts), length], -1 padded: for each context, the
     ``length`` tokens that followed the earliest occurrence of its longest
     suffix of 1 .. ``max_ngram`` tokens seen before (prompt lookup, the
-    match of vLLM ``ngram``)."""
+    match of vLLM ``ngram``); and int64 [len(contexts)], that suffix's
+    length (0: none). How much of a chain is accepted depends mostly on that
+    length: Qwen2.5-Coder-1.5B's greedy Spec-Bench outputs (39 prompts, 64
+    tokens) accepted a chain's first token after 18% of 1-token matches,
+    47% of 2-token, 65% of 3-token and 78% of 4-token matches."""
     out = np.full((len(contexts), length), -1, dtype=np.int32)
+    sizes = np.zeros(len(contexts), dtype=np.int64)
     for i, context in enumerate(contexts):
         n = len(context)
         # ends[j]: context[j - l] == context[n - 1 - l] for every l < L,
@@ -101,11 +112,11 @@ def chain_tokens(contexts: list[np.ndarray], length: int, max_ngram: int = 3) ->
             found = np.flatnonzero(ends)
             if not len(found):
                 break
-            best = int(found[0])
+            best, sizes[i] = int(found[0]), size
         if best is not None:
             follow = context[best + 1:best + 1 + length]
             out[i, :len(follow)] = follow
-    return out
+    return out, sizes
 
 
 class SuccessorTable:
