@@ -59,7 +59,8 @@ RECYCLING = {"lookahead-tree-recycle": {"recycle": True},
              "recycle-only": {"window": 0, "guesses": 0, "recycle": True},
              "recycle-only-static": {"window": 0, "guesses": 0, "recycle": True,
                                      "budget": "static"}}
-METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-tree",
+METHODS = ("plain", "ngram", "suffix", "lookahead-linear", "lookahead-linear-static",
+           "lookahead-tree",
            "lookahead-tree-static", *RECYCLING, "draft-model", *STAGED)
 QUICK = {"per_category": 1, "max_tokens": 48, "batch_sizes": "1,8",
          "methods": "plain,ngram,suffix,lookahead-linear,lookahead-tree"}
@@ -121,6 +122,8 @@ def build_methods(names: list[str], k: int, tree_k: int, draft: str | None,
                                                   "num_speculative_tokens": k}))
         elif name == "lookahead-linear":
             methods.append(lookahead_method(k, mode="linear"))
+        elif name == "lookahead-linear-static":
+            methods.append(lookahead_method(k, mode="linear", budget="static"))
         elif name == "lookahead-tree":
             methods.append(lookahead_method(tree_k))
         elif name == "lookahead-tree-static":

@@ -157,3 +157,20 @@ def test_proposer_host_time_benchmark_runs():
     seconds = run(batch=4, steps=8, prompt_len=64, vocab=50,
                   lookahead={"window": 3, "guesses": 3, "ngram": 3})
     assert 0 < seconds < 1
+
+
+def test_chain_replay_counts_acceptance_by_match_length():
+    from benchmarks.replay_chain import acceptance_by_match, replay
+
+    # After "1 2" (a 2-token match) the chain "3 4" is right, then "5" ends it.
+    records = [{"prompt": [1, 2, 3, 4, 9, 1, 2], "output": [3, 4, 5]}]
+    steps, rates = acceptance_by_match(records)
+    assert steps[2] == 1 and rates[2, :2].tolist() == [1.0, 1.0] and rates[2, 2] == 0.0
+    # Then "1 2 3" (3 tokens) is followed by the right 4, "1 2 3 4" by 9, not 5.
+    assert steps[3] == 1 and rates[3, 0] == 1.0 and rates[3, 1] == 0.0
+    assert steps[4] == 1 and rates[4, 0] == 0.0
+    # Chains of 8: one step accepts "3 4" and emits 5; plain needs three.
+    assert replay(records, lambda size: 8, lambda n: 1.0) == (3.0, 3.0)
+    # The chain holds the 5 tokens after the match (3 4 9 1 2): a step of 6.
+    assert replay(records, lambda size: 8, lambda n: 1.0 + 0.25 * (n - 1)) == (3.0, 3 / 2.25)
+    assert replay(records, lambda size: 0, lambda n: 1.0) == (1.0, 1.0)
