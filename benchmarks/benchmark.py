@@ -53,6 +53,8 @@ STAGED = {"staged-linear": {"tree": False}, "staged-linear-no-stage2": {"tree": 
 RECYCLING = {"lookahead-tree-recycle": {"recycle": True},
              # The measured budget's bar as priced, not tuned by realized speed.
              "lookahead-tree-untuned": {"tune_bar": False},
+             # Without other requests' text (the chain from the request's own).
+             "lookahead-tree-no-shared": {"shared_text": 0},
              # The default before recycling and the context-match chain were on.
              "lookahead-tree-pool-only": {"recycle": False, "chain": 0},
              "lookahead-tree-static-recycle": {"recycle": True, "budget": "static"},

@@ -169,13 +169,30 @@ def test_chain_nodes_are_classed_by_their_match_length(proposer):
     two, one = [1, 2, 3, 4, 1, 2], [5, 6, 7, 5]
     propose(proposer, {"a": two, "b": one})
     depths = np.arange(3)
-    np.testing.assert_array_equal(proposer._layouts["a"][2], proposer._chain_class(2, depths))
-    np.testing.assert_array_equal(proposer._layouts["b"][2], proposer._chain_class(1, depths))
+    np.testing.assert_array_equal(proposer._layouts["a"][2], proposer._chain_class(0, 2, depths))
+    np.testing.assert_array_equal(proposer._layouts["b"][2], proposer._chain_class(0, 1, depths))
     trained(proposer, threshold=0.3)
-    proposer.values.accepted[proposer._chain_class(1, depths)] = 0.0
-    proposer.values.accepted[proposer._chain_class(2, depths)] = 0.9e4
+    proposer.values.accepted[proposer._chain_class(0, 1, depths)] = 0.0
+    proposer.values.accepted[proposer._chain_class(0, 2, depths)] = 0.9e4
     drafts = propose(proposer, {"a": two, "b": one})
     assert drafts[0] == [3, 4, 1] and drafts[1] == []
+
+
+def test_a_request_drafts_the_text_of_one_that_left():
+    """Request "a" leaves the engine; "b" ends with tokens of "a"'s text that
+    its own text does not hold before: its chain is what followed them in
+    "a", classed apart from chains of its own text. With the shared text
+    off, "b" has no chain."""
+    history = [11, 12, 13, 14, 15, 16, 17]
+    for shared, expected in ((64, [15, 16, 17]), (0, [])):
+        proposer = make_proposer(window=0, guesses=0, recycle=False, chain=3, tune_bar=False,
+                                 shared_text=shared)
+        propose(proposer, {"a": history})
+        drafts = propose(proposer, {"b": [1, 2, 12, 13, 14]})  # "a" left the batch
+        assert drafts[0] == expected
+        if expected:
+            np.testing.assert_array_equal(proposer._layouts["b"][2],
+                                          proposer._chain_class(1, 3, np.arange(3)))
 
 
 def test_chain_and_recycled_nodes_share_one_trie():

@@ -152,6 +152,11 @@ class LookaheadConfig(_AdditionalConfig):
                 num_speculative_tokens), otherwise one more than were
                 accepted. Rejected draft tokens cost target compute, so this
                 keeps the verified batch small where guesses fail.
+    shared_text: tree mode with ``chain``: tokens of earlier requests' text
+                (prompt and output) kept in a ring with an n-gram index,
+                where a request whose own text has no long context match
+                finds one (``proposers.shared_text``); its chains are priced
+                apart from the request's own. 0: off.
     tune_bar:   with the measured budget: scale the bar by the multiple
                 (0.35x .. 4x, or no drafts) that gives the most tokens per
                 second in the engine's own step times, tried online
@@ -176,6 +181,7 @@ class LookaheadConfig(_AdditionalConfig):
     recycle_depth: int = 8
     chain: int = 8
     adaptive: bool = True
+    shared_text: int = 65536
     tune_bar: bool = True
 
     key: ClassVar[str] = CONFIG_KEY
@@ -192,7 +198,7 @@ class LookaheadConfig(_AdditionalConfig):
         if self.key_len is None and isinstance(self.ngram, int):
             default = 1 if self.mode == "tree" else 2
             object.__setattr__(self, "key_len", max(1, min(default, self.ngram - 1)))
-        for name in ("window", "guesses", "max_tree_tokens", "chain"):
+        for name in ("window", "guesses", "max_tree_tokens", "chain", "shared_text"):
             self._integer(name, 0)
         self._pool_sizes()
         for name in ("shared_pool", "adaptive", "pool_from_prompt", "recycle", "tune_bar"):

@@ -37,6 +37,7 @@ from vllm_lookahead.proposers.jacobi import JacobiWindow, num_classes
 from vllm_lookahead.proposers.pool import NgramPool
 from vllm_lookahead.proposers.recycle import (CHAIN_MAX_NGRAM, SuccessorTable, chain_depths,
                                                chain_tokens, tree_template)
+from vllm_lookahead.proposers.shared_text import SharedText
 from vllm_lookahead.tree.protocol import (BatchInfo, DraftInputs, Drafts, Predictions,
                                           Verification)
 
@@ -109,13 +110,20 @@ class LookaheadProposer:
         # Measured budget (tree mode): step-time fit and per-class
         # acceptance estimates (``budget.py``).
         self.cost = StepCostModel()
+        # Earlier requests' text, where a request's chain may come from instead
+        # of its own text, and each running request's text so far (given to
+        # it as the request leaves).
+        self.shared_text = (SharedText(self.config.shared_text)
+                            if chain and self.config.shared_text else None)
+        self._texts: dict[str, np.ndarray] = {}
         # Node classes: the layout's (window, candidates, template nodes), then
-        # the chain's by the length of its context match and its depth (a
-        # chain after a 4-token match is accepted several times as often as
-        # one after a 1-token match).
+        # the chain's by its source (the request's own text, the shared text),
+        # the length of its context match and its depth (a chain after a
+        # 4-token match is accepted several times as often as one after a
+        # 1-token match).
         self._chain_classes = num_classes(self.config.ngram - 1, self.config.window, MAX_RANKS,
                                           len(self.template_parents))
-        self.values = NodeValues(self._chain_classes + CHAIN_MAX_NGRAM * chain)
+        self.values = NodeValues(self._chain_classes + 2 * CHAIN_MAX_NGRAM * chain)
         # Chains (linear mode, and batches the runtime cannot verify): a
         # class per depth.
         self.chain_values = NodeValues(self.k)
@@ -131,9 +139,10 @@ class LookaheadProposer:
         self._steps = 0
         logger.info(
             "vllm_lookahead: LookaheadProposer (%s) %s, k=%d, pool %.1f MiB, successor "
-            "table %.1f MiB", self.config.mode, self.config, self.k,
+            "table %.1f MiB, shared text %.1f MiB", self.config.mode, self.config, self.k,
             self.pool.nbytes() / 2**20,
             (self.successors.nbytes() if self.successors else 0) / 2**20,
+            (self.shared_text.nbytes() if self.shared_text else 0) / 2**20,
         )
 
     def load_model(self, *args, **kwargs) -> None:
@@ -152,7 +161,7 @@ class LookaheadProposer:
         self._overrides = {r: self._overrides[r] if r in self._overrides
                            else self._override(r, e) for r, e in zip(req_ids, batch.extra_args)}
         present = set(req_ids)
-        for req_id in [r for r in self._indexed.keys() | self._allowed.keys()
+        for req_id in [r for r in self._indexed.keys() | self._allowed.keys() | self._texts.keys()
                        if r not in present]:
             self._drop(req_id)
 
@@ -180,6 +189,9 @@ class LookaheadProposer:
         return raw
 
     def _drop(self, req_id: str) -> None:
+        text = self._texts.pop(req_id, None)
+        if text is not None:
+            self.shared_text.add(text)
         if self._indexed.pop(req_id, None) is not None:
             self.pool.erase(req_id)
         self._allowed.pop(req_id, None)
@@ -357,6 +369,9 @@ class LookaheadProposer:
         lengths = lengths[keep]
         if not rows:
             return drafts
+        if self.shared_text is not None:
+            for req_id, row, n in zip(row_req_ids, rows, lengths):
+                self._texts[req_id] = token_ids_cpu[row, :n].copy()
         if self._batch_trees:
             trees = self._propose_trees(row_req_ids, rows, lengths, token_ids_cpu)
             for row, (tokens, parents) in zip(rows, trees):
@@ -505,14 +520,14 @@ class LookaheadProposer:
         candidate_lens = np.where(ranks < guesses[:, None],
                                   depth_pays[np.minimum(ranks, MAX_RANKS - 1)], 0)
         caps = np.clip(self.max_model_len - lengths, 0, per_request)
-        recycled, match_sizes = self._recycled_trees(rows, lengths, token_ids_cpu, value,
-                                                     recycled_start, threshold)
+        recycled, match_sources, match_sizes = self._recycled_trees(
+            rows, lengths, token_ids_cpu, value, recycled_start, threshold)
         layout = ops.lookahead_tree_layout(
             _int32(np.stack([window.levels for window in windows])), _int32(filled),
             _int32(columns), candidates, _int32(candidate_lens), _int32(caps), MAX_RANKS,
             recycled, _int32(self.template_parents))
         tokens, parents, classes, num_nodes, used_columns = (t.numpy() for t in layout)
-        classes = self._chain_node_classes(classes, recycled_start, match_sizes)
+        classes = self._chain_node_classes(classes, recycled_start, match_sources, match_sizes)
         trees = [no_tree] * len(req_ids)
         if self._sized_budget:
             kept = self._select(self.values.rate()[classes], parents, num_nodes, len(rows))
@@ -537,19 +552,26 @@ class LookaheadProposer:
         self._stats[1] += int(num_nodes[drafting].sum())
         return trees
 
-    def _chain_class(self, sizes: np.ndarray, depths: np.ndarray) -> np.ndarray:
+    def _chain_class(self, sources: np.ndarray, sizes: np.ndarray,
+                     depths: np.ndarray) -> np.ndarray:
         """Class of the chain node at ``depths`` (0-based) after a context
-        match of ``sizes`` tokens (>= 1)."""
-        return self._chain_classes + (sizes - 1) * self.config.chain + depths
+        match of ``sizes`` tokens (>= 1) in the request's own text (source
+        0) or the shared text (1)."""
+        return (self._chain_classes
+                + (sources * CHAIN_MAX_NGRAM + sizes - 1) * self.config.chain + depths)
 
     def _recycled_trees(self, rows, lengths, token_ids_cpu, value: np.ndarray,
-                        recycled_start: int, threshold: float) -> tuple[torch.Tensor, np.ndarray]:
+                        recycled_start: int,
+                        threshold: float) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         """int32 [len(rows), T]: the template read from each row's last
-        token (recycled nodes) and its context-match chain (chain nodes);
-        nodes whose class's estimated acceptance (``value``, all classes;
-        template node j's class is ``recycled_start + j``, a chain node's its
-        match length and depth) is below the bar are disabled, and with them
-        their subtrees. Also each row's match length (0: no chain)."""
+        token (recycled nodes) and its context-match chain (chain nodes:
+        from the request's own text, or from the shared text where that
+        matches more of its last tokens); nodes whose class's estimated
+        acceptance (``value``, all classes; template node j's class is
+        ``recycled_start + j``, a chain node's by its source, match length
+        and depth) is below the bar are disabled, and with them their
+        subtrees. Also each row's chain source and match length (0: no
+        chain)."""
         enabled = value[recycled_start:recycled_start + len(self.template_parents)] >= threshold
         is_chain = self.template_chain >= 0
         if self.successors is not None:
@@ -558,22 +580,29 @@ class LookaheadProposer:
             trees = self.successors.trees(roots, self.template_parents, ranks)
         else:
             trees = torch.full((len(rows), len(self.template_parents)), -1, dtype=torch.int32)
+        sources = np.zeros(len(rows), dtype=np.int64)
         sizes = np.zeros(len(rows), dtype=np.int64)
         if is_chain.any():
             slots = np.nonzero(is_chain)[0]  # in depth order
             depths = self.template_chain[slots]
-            chains, sizes = chain_tokens([token_ids_cpu[row, :n] for row, n in zip(rows, lengths)],
-                                         int(depths.max()) + 1)
+            contexts = [token_ids_cpu[row, :n] for row, n in zip(rows, lengths)]
+            chains, sizes = chain_tokens(contexts, int(depths.max()) + 1)
+            if self.shared_text is not None:
+                for i in np.flatnonzero(sizes < CHAIN_MAX_NGRAM):
+                    chain, size = self.shared_text.match(contexts[i], chains.shape[1])
+                    if size > sizes[i]:
+                        chains[i], sizes[i], sources[i] = chain, size, 1
             matched = sizes > 0
-            classes = self._chain_class(np.maximum(sizes, 1)[:, None], depths[None, :])
+            classes = self._chain_class(sources[:, None], np.maximum(sizes, 1)[:, None],
+                                        depths[None, :])
             on = np.cumprod(value[classes] >= threshold, axis=1).astype(bool) & matched[:, None]
             trees[:, slots] = torch.from_numpy(np.where(on, chains[:, depths], -1).astype(np.int32))
-        return trees, sizes
+        return trees, sources, sizes
 
     def _chain_node_classes(self, classes: np.ndarray, recycled_start: int,
-                            match_sizes: np.ndarray) -> np.ndarray:
+                            match_sources: np.ndarray, match_sizes: np.ndarray) -> np.ndarray:
         """The layout's classes [rows, width] with each chain node's template
-        class replaced by its class by match length and depth."""
+        class replaced by its class by source, match length and depth."""
         template = len(self.template_parents)
         if not (self.template_chain >= 0).any():
             return classes
@@ -583,8 +612,9 @@ class LookaheadProposer:
         chain = depth >= 0
         if not chain.any():
             return classes
-        sizes = np.broadcast_to(np.maximum(match_sizes, 1)[:, None], classes.shape)
-        return np.where(chain, self._chain_class(sizes, np.maximum(depth, 0)), classes)
+        sizes = np.maximum(match_sizes, 1)[:, None]
+        return np.where(chain, self._chain_class(match_sources[:, None], sizes,
+                                                 np.maximum(depth, 0)), classes)
 
     def observe_predictions(self, predictions: Predictions) -> None:
         """A step without trees: its rows' top-k go into the successor
