@@ -46,6 +46,18 @@ def ngram_hashes(tokens: np.ndarray, size: int) -> np.ndarray:
         return (h ^ (h >> np.uint64(29))) * _MULTIPLIER & _MASK_63
 
 
+def ngram_hash(tokens: list[int]) -> int:
+    """:func:`ngram_hashes` of one n-gram, in Python integers (a lookup
+    hashes a few tokens: numpy's per-call cost would dominate)."""
+    h = len(tokens)
+    for token in tokens:
+        h = (h * _M + token + 1) & _M63
+    return ((h ^ (h >> 29)) * _M) & _M63
+
+
+_M, _M63 = int(_MULTIPLIER), int(_MASK_63)
+
+
 class SharedText:
     """Ring of recent requests' text with an n-gram index (module doc)."""
 
@@ -86,18 +98,18 @@ class SharedText:
         found there, up to its segment's end; and that suffix's length (0:
         none)."""
         out = np.full(length, -1, dtype=np.int32)
-        context = np.asarray(context, dtype=np.int32)
+        tail = [int(t) for t in context[-self.max_ngram:]]
         oldest = self.written - self.capacity
-        for size in range(min(self.max_ngram, len(context)), 0, -1):
-            suffix = context[-size:]
-            key = ngram_hashes(suffix, size)[0]
-            slot = int(key % np.uint64(self.slots))
+        for size in range(len(tail), 0, -1):
+            suffix = tail[-size:]
+            key = ngram_hash(suffix)
+            slot = key % self.slots
             end = int(self.ends[slot])
             # The n-gram and what follows must still be in the ring.
-            if self.keys[slot] != key or end - size + 1 <= oldest:
+            if int(self.keys[slot]) != key or end - size + 1 <= oldest:
                 continue
-            held = self.ring[np.arange(end - size + 1, end + 1) % self.capacity]
-            if not np.array_equal(held, suffix):
+            if any(int(self.ring[(end - size + 1 + k) % self.capacity]) != token
+                   for k, token in enumerate(suffix)):
                 continue
             follow = self.ring[np.arange(end + 1, min(end + 1 + length, self.written))
                                % self.capacity]
