@@ -548,14 +548,15 @@ def test_a_budget_that_cut_every_class_drafts_again():
     assert steps > 10  # not at once: the learned rates hold for a while
 
 
-def tuned(reward, steps: int, seed: int = 0) -> BarTuner:
+def tuned(reward, steps: int, seed: int = 0, noise: float = 0.5) -> BarTuner:
     """A tuner after ``steps`` steps whose realized throughput over a plain
-    step's is ``reward(scale)`` plus noise."""
+    step's is ``reward(scale)`` times 1 - noise, 1 or 1 + noise (a batch-1
+    step's tokens vary that much; a batch's less)."""
     tuner = BarTuner(seed=seed)
     rng = np.random.default_rng(seed + 1)
     for _ in range(steps):
         scale = tuner.choose()
-        tuner.observe(reward(scale) * rng.choice([0.5, 1.0, 1.5]))
+        tuner.observe(reward(scale) * rng.choice([1 - noise, 1.0, 1 + noise]))
     return tuner
 
 
@@ -564,6 +565,14 @@ def test_bar_tuner_walks_to_the_scale_that_pays_most(seed):
     # Drafts pay most at twice the bar (a budget pricing nodes too cheap).
     peak = lambda scale: 1.0 if np.isinf(scale) else 1.3 - 0.2 * abs(np.log2(scale) - 1.0)
     assert tuned(peak, 3000, seed).best_scale == 2.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bar_tuner_stops_drafting_within_a_short_load(seed):
+    """Drafts lose 8% at every scale: a batch's load of 300 steps ends at no
+    drafts."""
+    losing = lambda scale: 1.0 if np.isinf(scale) else 0.92
+    assert np.isinf(tuned(losing, 300, seed, noise=0.1).best_scale)
 
 
 @pytest.mark.parametrize("seed", range(3))
