@@ -752,11 +752,6 @@ class BarTuner:
         self._pending = arm
         return float(BAR_SCALES[arm])
 
-    def skip(self) -> None:
-        """The coming step is not credited to any scale (nothing could be
-        drafted in it, whatever the scale)."""
-        self._pending = None
-
     def observe(self, ratio: float) -> None:
         """The realized throughput of the step of the last ``choose``, over a
         plain step's."""

@@ -128,8 +128,12 @@ class LookaheadProposer:
         # class per depth.
         self.chain_values = NodeValues(self.k)
         self.timer = StepTimer(self.cost)
-        # Multiple of the bar chosen by realized throughput (measured budget).
-        self.tuner = BarTuner()
+        # Multiple of the bar chosen by realized throughput (measured budget),
+        # one tuner per batch size class (``_tuner``): what pays at batch 1
+        # says little of batch 16, and one tuner's means, kept since batch 1,
+        # were still there through a whole batch-8 load.
+        self.tuners: dict[int, BarTuner] = {}
+        self._step_tuner: BarTuner | None = None  # the coming step's
         self._scale = 1.0  # of the coming step
         self._drafted_tokens = 0  # in the last step
         self._threshold = 0.0  # acceptance bar of the last drafting step
@@ -220,6 +224,11 @@ class LookaheadProposer:
             self.chain_values.update(np.concatenate(offered), np.concatenate(taken))
         return budget
 
+    def _tuner(self, n_requests: int) -> BarTuner:
+        """The bar tuner of steps of this many decoding requests (one per
+        power of two: 1, 2-3, 4-7, ...)."""
+        return self.tuners.setdefault(n_requests.bit_length(), BarTuner())
+
     def _bar(self, n_requests: int) -> float:
         """The acceptance probability a draft node needs this step, at the
         nodes its trees are expected to hold, times the scale the
@@ -229,8 +238,14 @@ class LookaheadProposer:
             bar = 0.0
         else:
             bar = self.cost.threshold(n_requests, round(n_requests * self.cost.nodes_per_tree))
-            if np.isfinite(bar) and self.config.tune_bar:
-                self._scale = self.tuner.choose()
+            # Tuned once drafts' costs are measured: the probing steps before
+            # hold the runtime's one-time self-check (a step several times
+            # slower than any later one), which priced drafting out for good
+            # in the tuner as it had in the fit (the demo's batch 1 ran 0.95x
+            # at S 1.03).
+            if np.isfinite(bar) and self.config.tune_bar and self.cost.draft_costs_known:
+                self._step_tuner = self._tuner(n_requests)
+                self._scale = self._step_tuner.choose()
                 bar = bar * self._scale if np.isfinite(self._scale) else np.inf
         self._threshold = bar
         return bar
@@ -335,9 +350,9 @@ class LookaheadProposer:
         started = time.perf_counter()
         step = self.timer.observe(sum(len(sampled) for sampled in inputs.sampled_token_ids))
         ratio = step.realized_ratio(self.cost) if step is not None else None
-        if ratio is not None:
-            self.tuner.observe(ratio)
-        self.tuner.skip()  # until _bar chooses a scale for the coming step
+        if ratio is not None and self._step_tuner is not None:
+            self._step_tuner.observe(ratio)
+        self._step_tuner = None  # until _bar chooses a scale for the coming step
         if not self._drafted_tokens:  # the last step verified nothing
             self.values.age()
             self.chain_values.age()
@@ -685,5 +700,5 @@ class LookaheadProposer:
             1e3 * self.cost.node_seconds, 1e3 * self.cost.tree_seconds,
             1e3 * self.cost.tree_step_seconds,
             1e3 * self.cost.overhead_seconds,
-            self.cost.tokens_per_second, self._threshold, self.tuner.best_scale,
+            self.cost.tokens_per_second, self._threshold, self._scale,
             100 * self._proposer_seconds / max(self.timer.step_seconds, 1e-9))
