@@ -583,6 +583,17 @@ def test_bar_tuner_stops_drafting_where_no_draft_pays(seed):
     assert np.isinf(tuned(losing, 3000, seed).best_scale)
 
 
+def test_bar_tuner_credits_only_the_step_it_chose_for():
+    tuner = BarTuner()
+    tuner.choose()
+    tuner.observe(None)  # a prompt step: not measured, credited to no scale
+    tuner.observe(5.0)  # a step without a choice of scale
+    assert tuner._count.sum() == 0
+    tuner.choose()
+    tuner.observe(1.0)
+    assert tuner._count.sum() == 1
+
+
 def test_tuner_scale_reaches_the_proposer_bar():
     history = [1, 2, 3, 4, 1, 2, 5, 1]
     proposer = trained(make_proposer(recycle=False, chain=0, tune_bar=True), threshold=0.02)

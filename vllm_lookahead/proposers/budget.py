@@ -752,12 +752,13 @@ class BarTuner:
         self._pending = arm
         return float(BAR_SCALES[arm])
 
-    def observe(self, ratio: float) -> None:
+    def observe(self, ratio: float | None) -> None:
         """The realized throughput of the step of the last ``choose``, over a
-        plain step's."""
-        if self._pending is None:
-            return
+        plain step's (None: not measured; the step is credited to no
+        scale). A step without a ``choose`` is credited to none either."""
         arm, self._pending = self._pending, None
+        if arm is None or ratio is None:
+            return
         self._seen += 1
         ratio = min(max(ratio, 0.0), TUNER_MAX_RATIO)
         for sums in (self._sum, self._squares, self._count):

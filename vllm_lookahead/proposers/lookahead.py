@@ -134,7 +134,6 @@ class LookaheadProposer:
         # (SmolLM2 at batch 16: 0.86x of plain in one run, one tuner 0.97x in
         # another).
         self.tuner = BarTuner()
-        self._tuned = False  # whether the coming step's scale is the tuner's
         self._scale = 1.0  # of the coming step
         self._drafted_tokens = 0  # in the last step
         self._threshold = 0.0  # acceptance bar of the last drafting step
@@ -240,7 +239,6 @@ class LookaheadProposer:
             # in the tuner as it had in the fit (the demo's batch 1 ran 0.95x
             # at S 1.03).
             if np.isfinite(bar) and self.config.tune_bar and self.cost.draft_costs_known:
-                self._tuned = True
                 self._scale = self.tuner.choose()
                 bar = bar * self._scale if np.isfinite(self._scale) else np.inf
         self._threshold = bar
@@ -345,10 +343,8 @@ class LookaheadProposer:
         self._batch_req_ids = None
         started = time.perf_counter()
         step = self.timer.observe(sum(len(sampled) for sampled in inputs.sampled_token_ids))
-        ratio = step.realized_ratio(self.cost) if step is not None else None
-        if ratio is not None and self._tuned:
-            self.tuner.observe(ratio)
-        self._tuned = False  # until _bar chooses a scale for the coming step
+        # Credited to the scale _bar chose for that step, if it chose one.
+        self.tuner.observe(step.realized_ratio(self.cost) if step is not None else None)
         if not self._drafted_tokens:  # the last step verified nothing
             self.values.age()
             self.chain_values.age()
